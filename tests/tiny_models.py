@@ -25,7 +25,11 @@ TINY_OVERRIDES: dict[str, dict] = {
     "gemma3_text": dict(_COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=8, sliding_window_pattern=2),
     "phi3": dict(_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "bert": dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        vocab_size=128,
         max_position_embeddings=64,
     ),
 }

@@ -28,6 +28,8 @@ class Architecture:
     layer_prefixes: tuple[str, ...]  # where "<prefix>.<L>.*" tensors live, tried in order
     norm_prefixes: tuple[str, ...] = ()
     kind: str = "decoder"  # "decoder" (causal LM) | "encoder" (BERT-style)
+    # transformers has no SDPA path for some families (Gemma 2's attention soft-capping): they run eager.
+    attn_implementation: str = "sdpa"
 
     def _import(self, name: str) -> type[nn.Module]:
         mod = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
@@ -50,7 +52,7 @@ _DECODER_PREFIXES = ("model.layers", "model.language_model.layers", "language_mo
 _DECODER_NORMS = ("model.norm", "model.language_model.norm", "language_model.model.norm", "norm")
 
 
-def _decoder(model_type: str, module: str, stem: str) -> Architecture:
+def _decoder(model_type: str, module: str, stem: str, attn_implementation: str = "sdpa") -> Architecture:
     return Architecture(
         model_type=model_type,
         module=module,
@@ -59,6 +61,7 @@ def _decoder(model_type: str, module: str, stem: str) -> Architecture:
         rotary_class=f"{stem}RotaryEmbedding",
         layer_prefixes=_DECODER_PREFIXES,
         norm_prefixes=_DECODER_NORMS,
+        attn_implementation=attn_implementation,
     )
 
 
@@ -70,7 +73,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         _decoder("qwen2", "qwen2", "Qwen2"),
         _decoder("qwen3", "qwen3", "Qwen3"),
         _decoder("gemma", "gemma", "Gemma"),
-        _decoder("gemma2", "gemma2", "Gemma2"),
+        _decoder("gemma2", "gemma2", "Gemma2", attn_implementation="eager"),
         _decoder("gemma3_text", "gemma3", "Gemma3"),
         _decoder("phi3", "phi3", "Phi3"),
         Architecture(
@@ -116,7 +119,9 @@ def resolve_layer_index(config: PretrainedConfig, layer: int, source: str) -> in
         raise BlockLoadError(f"{source}: layer index must be an integer, got {layer!r}")
     idx = layer + n if layer < 0 else layer
     if not 0 <= idx < n:
-        raise BlockLoadError(f"{source}: layer {layer} is out of range: the model has {n} layers (0..{n - 1}, or -1..-{n})")
+        raise BlockLoadError(
+            f"{source}: layer {layer} is out of range: the model has {n} layers (0..{n - 1}, or -1..-{n})"
+        )
     return idx
 
 
