@@ -1,0 +1,150 @@
+"""The ``medboost`` command. Bad input prints one message naming the file and the problem, and exits with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from medboost.errors import MedboostError
+
+
+def _cmd_llm_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from medboost.llm import PRESETS, supported_model_types
+
+    table = Table(title="LLM presets (medboost llm inspect NAME)")
+    for column in ("name", "default layer", "weights", "description"):
+        table.add_column(column)
+    for preset in PRESETS.values():
+        try:
+            local = preset.local_path()
+        except MedboostError as err:
+            local = None
+            print(f"warning: {err}", file=sys.stderr)
+        install = f"  ({preset.pip_install})" if preset.pip_install else ""
+        where = str(local) if local else f"hub: {preset.hub_id}{install}"
+        table.add_row(preset.name, str(preset.default_layer), where, preset.description)
+    console = Console(width=200)
+    console.print(table)
+    console.print("architectures: " + ", ".join(supported_model_types()))
+    console.print("sources: a preset, a .gguf file, a Hugging Face folder or hub id (org/name), a Meta checkpoint")
+    return 0
+
+
+def _cmd_llm_inspect(args) -> int:
+    from medboost.llm import PRESETS, inspect_source
+
+    layer = args.layer
+    if layer is None and args.source in PRESETS:
+        layer = PRESETS[args.source].default_layer
+    facts = inspect_source(args.source, layer)
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    width = max(map(len, facts))
+    for key, value in facts.items():
+        if key == "layer_parameters":
+            value = f"{value:,} ({value / 1e6:.2f} M)"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_train(args, extra: list[str]) -> int:
+    from medboost.engine.config import load_config, parse_overrides
+    from medboost.pipelines.classification import train_classifier
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    if cfg.task != "classification":
+        raise MedboostError(f"task {cfg.task!r} is not available yet; supported: classification")
+    result = train_classifier(cfg, resume=not args.no_resume)
+    test = result.get("test", {})
+    print(f"run folder: {cfg.run_dir}")
+    print(f"best epoch (by validation AUC): {result.get('best_epoch')}  val AUC {result.get('best_val'):.4f}")
+    print(f"test ACC {test.get('test_acc', float('nan')):.4f}  AUC {test.get('test_auc', float('nan')):.4f}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from medboost.pipelines.demo import run_demo
+
+    run_demo(
+        dataset=args.dataset,
+        epochs=args.epochs,
+        output_dir=args.output_dir,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        block=args.block,
+    )
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from medboost.pipelines.predict import predict_files
+
+    rows = predict_files(args.model, args.files, saliency_dir=args.saliency)
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medboost", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    llm = sub.add_parser("llm", help="frozen language-model blocks").add_subparsers(dest="llm_command", required=True)
+    llm.add_parser("list", help="presets and where their weights are")
+    inspect = llm.add_parser("inspect", help="architecture, sizes and load time of one layer of a checkpoint")
+    inspect.add_argument("source", help="preset, .gguf file, HF folder or hub id, or Meta checkpoint")
+    inspect.add_argument("--layer", type=int, default=None, help="layer index (negative from the end)")
+    inspect.add_argument("--json", action="store_true")
+
+    train = sub.add_parser("train", help="train from a YAML recipe; override any key with --section.key VALUE")
+    train.add_argument("--config", "-c", default=None, help="YAML recipe (e.g. configs/r-llm/breastmnist.yaml)")
+    train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoints/last.ckpt")
+
+    demo = sub.add_parser("demo", help="train the ViT with and without a frozen LLM block and compare on test")
+    demo.add_argument("--dataset", default="breastmnist")
+    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--data-dir", default=None, help="folder holding the MedMNIST .npz (default: search path)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--block", default="smollm2-135m", help="LLM source for the boosted model")
+
+    predict = sub.add_parser("predict", help="classify image files (PNG/JPG/NIfTI/npy) with a saved model")
+    predict.add_argument("model", help="a saved model folder (run folder's model/)")
+    predict.add_argument("files", nargs="+")
+    predict.add_argument("--saliency", default=None, help="write Grad-CAM overlay PNGs to this folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        if args.command == "llm":
+            return _cmd_llm_list(args) if args.llm_command == "list" else _cmd_llm_inspect(args)
+        if args.command == "train":
+            return _cmd_train(args, extra)
+        if args.command == "demo":
+            return _cmd_demo(args)
+        if args.command == "predict":
+            return _cmd_predict(args)
+    except MedboostError as err:
+        print(f"medboost: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "medboost: interrupted (a resumable checkpoint is in the run folder's checkpoints/last.ckpt)",
+            file=sys.stderr,
+        )
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

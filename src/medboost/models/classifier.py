@@ -1,0 +1,82 @@
+"""Image classifiers: the ViT (optionally LLM-boosted) and the MedMNIST v2 ResNet baselines, 2D and 3D."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from medboost.errors import ConfigError
+from medboost.models.booster import BoosterConfig, LLMBooster
+from medboost.models.vit import ViT
+
+
+class ViTClassifier(nn.Module):
+    """ViT encoder -> pooled token -> linear head; with ``booster`` set, an :class:`LLMBooster` runs after the ViT
+    block at ``booster.position`` (R-LLM: after the last block, before the final norm)."""
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        img_size: int | Sequence[int] = 28,
+        patch_size: int | Sequence[int] = 4,
+        dim: int = 192,
+        depth: int = 6,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        drop: float = 0.0,
+        drop_path: float = 0.1,
+        pool: str = "cls",
+        booster: BoosterConfig | dict | None = None,
+    ):
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ConfigError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        if isinstance(booster, dict):
+            booster = BoosterConfig(**booster)
+        self.pool = pool
+        self.booster_config = booster
+        inserts = {booster.position: LLMBooster.from_config(dim, booster)} if booster else None
+        self.encoder = ViT(
+            spatial_dims,
+            in_channels,
+            img_size,
+            patch_size,
+            dim,
+            depth,
+            heads,
+            mlp_ratio,
+            drop,
+            drop_path,
+            cls_token=pool == "cls",
+            inserts=inserts,
+        )
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def booster(self) -> LLMBooster | None:
+        return next(iter(self.encoder.inserts.values()), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(x)
+        pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(dim=1)
+        return self.head(pooled)
+
+
+def resnet(
+    depth: int = 18, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2, small_input: bool = True
+) -> nn.Module:
+    """MONAI's ResNet-18/50 for 2D or 3D. ``small_input`` is the MedMNIST v2 (28 px) stem: a 3x3 stride-1 first
+    convolution and no max-pool, so a 28 px input is not reduced to 7 px before the first stage."""
+    from monai.networks.nets import resnet18, resnet50
+
+    factories = {18: resnet18, 50: resnet50}
+    if depth not in factories:
+        raise ConfigError(f"ResNet depth must be 18 or 50, got {depth}")
+    stem = dict(conv1_t_size=3, conv1_t_stride=1, no_max_pool=True) if small_input else {}
+    return factories[depth](spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, **stem)

@@ -1,0 +1,189 @@
+"""A Vision Transformer for 2D images and 3D volumes from one implementation (``spatial_dims`` as in MONAI).
+
+Blocks are nanoGPT-style pre-norm: ``x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))``. ``forward_tokens`` returns
+every block's hidden states so that segmentation decoders can take skips, and an optional hook runs a module (the LLM
+booster) right after a chosen block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medboost.errors import ConfigError
+
+
+def as_tuple(value: int | Sequence[int], dims: int, what: str) -> tuple[int, ...]:
+    out = (value,) * dims if isinstance(value, int) else tuple(value)
+    if len(out) != dims:
+        raise ConfigError(f"{what} must have {dims} entries for spatial_dims={dims}, got {value!r}")
+    return out
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, via a strided convolution (2D or 3D)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, img_size, patch_size, dim: int):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.img_size = as_tuple(img_size, spatial_dims, "img_size")
+        self.patch_size = as_tuple(patch_size, spatial_dims, "patch_size")
+        for s, p in zip(self.img_size, self.patch_size):
+            if s % p:
+                raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        self.num_patches = math.prod(self.grid)
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.proj = conv(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f"expected input of spatial size {self.img_size}, got {tuple(x.shape[2:])}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, attn_drop: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, attn_drop=drop)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.ln_1(x)))
+        return x + self.drop_path(self.mlp(self.ln_2(x)))
+
+
+class ViT(nn.Module):
+    """Patch embedding, optional CLS token, learned position embedding, ``depth`` pre-norm blocks, final LayerNorm.
+
+    Args:
+        spatial_dims: 2 for images, 3 for volumes.
+        in_channels: input channels.
+        img_size: input size (int or per-axis).
+        patch_size: patch size (int or per-axis).
+        dim, depth, heads, mlp_ratio: transformer width, number of blocks, attention heads, MLP expansion.
+        drop, drop_path: dropout and stochastic-depth rate (linearly increasing over depth, as in DeiT).
+        cls_token: prepend a learned CLS token (classification); segmentation uses patch tokens only.
+        inserts: modules run right after block ``i`` (``{i: module}``, negative ``i`` counts from the end); this is
+            where an LLM booster sits.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        img_size: int | Sequence[int] = 28,
+        patch_size: int | Sequence[int] = 4,
+        dim: int = 192,
+        depth: int = 6,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        cls_token: bool = True,
+        inserts: dict[int, nn.Module] | None = None,
+    ):
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.dim = dim
+        self.depth = depth
+        self.patch_embed = PatchEmbed(spatial_dims, in_channels, img_size, patch_size, dim)
+        n_tokens = self.patch_embed.num_patches + int(cls_token)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, drop, r) for r in rates)
+        self.norm = nn.LayerNorm(dim)
+        self.inserts = nn.ModuleDict()
+        for index, module in (inserts or {}).items():
+            resolved = index + depth if index < 0 else index
+            if not 0 <= resolved < depth:
+                raise ConfigError(f"insert position {index} is out of range for a ViT of depth {depth}")
+            self.inserts[str(resolved)] = module
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for name, m in self.named_modules():
+            if name.startswith("inserts"):
+                continue  # inserted modules own their initialisation (and may hold frozen pre-trained weights)
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return self.patch_embed.grid
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final normalised tokens ``(B, T, D)`` and the hidden states after every block (before the final norm)."""
+        h = self.patch_embed(x)
+        if self.cls_token is not None:
+            h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
+        h = h + self.pos_embed
+        hidden = []
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if str(i) in self.inserts:
+                h = self.inserts[str(i)](h)
+            hidden.append(h)
+        return self.norm(h), hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)[0]

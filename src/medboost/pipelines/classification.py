@@ -1,0 +1,102 @@
+"""One classification run end to end: data, model, training, validation-selected test, saved model and report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from medboost.data import transforms as T
+from medboost.data.medmnist import MedMNISTDataModule
+from medboost.engine.config import RunConfig
+from medboost.engine.records import count_parameters, environment, write_json
+from medboost.engine.trainer import fit_and_test, set_threads
+from medboost.metrics.classification import classification_report
+from medboost.models import create_model, save_pretrained
+from medboost.report import plots
+from medboost.tasks.classification import ClassificationTask
+
+
+def build_datamodule(cfg: RunConfig) -> MedMNISTDataModule:
+    d = cfg.data
+    dm = MedMNISTDataModule(
+        d.dataset,
+        size=d.size,
+        data_dir=d.data_dir,
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        download=d.download,
+        as_rgb=d.as_rgb,
+        seed=cfg.seed,
+    )
+    if dm.spatial_dims == 2:
+        train = T.train_transform_2d(size=d.resize) if d.augment else T.eval_transform_2d(size=d.resize)
+        dm.train_transform, dm.eval_transform = train, T.eval_transform_2d(size=d.resize)
+    else:
+        dm.train_transform = T.train_transform_3d() if d.augment else T.eval_transform_3d()
+        dm.eval_transform = T.eval_transform_3d()
+    return dm
+
+
+def build_model(cfg: RunConfig, dm: MedMNISTDataModule):
+    """The configured model, sized for the data (channels, classes, image size, 2D/3D)."""
+    kwargs: dict[str, Any] = dict(spatial_dims=dm.spatial_dims, in_channels=dm.in_channels, num_classes=dm.num_classes)
+    if cfg.model.name.startswith("vit"):
+        kwargs["img_size"] = cfg.data.resize or dm.image_size
+    return create_model(cfg.model.name, **{**kwargs, **cfg.model.kwargs})
+
+
+def train_classifier(cfg: RunConfig, resume: bool = True, make_plots: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` and write ``result.json``, ``model/`` (loadable with ``load_pretrained``) and plots to the run
+    folder. Returns the result record."""
+    set_threads()
+    started = time.perf_counter()
+    dm = build_datamodule(cfg)
+    dm.setup()
+    model = build_model(cfg, dm)
+    task = ClassificationTask(
+        model,
+        dm.task,
+        cfg.optim,
+        cfg.loss,
+        cfg.trainer.max_epochs,
+        cfg.seed,
+        test_every_epoch=cfg.report_best_test_epoch,
+    )
+    dm.test_every_epoch = cfg.report_best_test_epoch
+    outcome = fit_and_test(cfg, task, dm, monitor="val_auc", mode="max", resume=resume)
+    trainer = outcome.pop("trainer")
+    run_dir = cfg.run_dir
+    result: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "data": dm.record(),
+        "model": {"name": cfg.model.name, **count_parameters(model)},
+        "environment": environment(),
+        **outcome,
+        "history": task.history,
+    }
+    if trainer.is_global_zero and hasattr(task, "test_outputs"):
+        labels, scores = task.test_outputs["labels"], task.test_outputs["scores"]
+        names = list(dm.info.labels)
+        result["test_report"] = classification_report(labels, scores, dm.task, label_names=names)
+        if cfg.report_best_test_epoch and task.history:
+            best = max(task.history, key=lambda e: e.get("test_auc", float("-inf")))
+            result["best_test_epoch_for_comparison_only"] = best
+        save_pretrained(
+            model, run_dir / "model", extra={"task": dm.task, "label_names": names, "dataset": dm.info.name}
+        )
+        if make_plots:
+            _plots(run_dir, dm.task, names, labels, scores, result["test_report"])
+        result["wall_seconds"] = time.perf_counter() - started
+        write_json(run_dir / "result.json", result)
+    return result
+
+
+def _plots(run_dir: Path, task: str, names, labels, scores, report: dict) -> None:
+    figures = run_dir / "figures"
+    metrics_csv = run_dir / "logs" / "metrics.csv"
+    if metrics_csv.is_file():
+        plots.training_curves(metrics_csv, figures / "training_curves.png")
+    plots.roc_curves(labels, scores, task, names, figures / "roc_test.png")
+    if "confusion_matrix" in report:
+        plots.confusion_matrix_plot(report["confusion_matrix"], names, figures / "confusion_test.png")

@@ -1,0 +1,101 @@
+"""Figures for papers: training curves, ROC curves, confusion matrices, saliency overlays (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def training_curves(
+    metrics_csv: str | Path,
+    path: str | Path,
+    keys: Sequence[str] = ("train_loss_epoch", "val_loss", "val_auc", "val_acc"),
+) -> Path:
+    """Plot per-epoch values logged by Lightning's CSVLogger (``logs/metrics.csv``)."""
+    series: dict[str, dict[int, float]] = {k: {} for k in keys}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            for k in keys:
+                if row.get(k):
+                    series[k][epoch] = float(row[k])
+    present = [k for k in keys if series[k]]
+    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(3.2 * max(1, len(present)), 3))
+    for ax, k in zip(np.atleast_1d(axes), present):
+        epochs = sorted(series[k])
+        ax.plot(epochs, [series[k][e] for e in epochs], marker=".")
+        ax.set_title(k)
+        ax.set_xlabel("epoch")
+    return _save(fig, path)
+
+
+def roc_curves(labels: np.ndarray, scores: np.ndarray, task: str, names: Sequence[str], path: str | Path) -> Path:
+    """One-vs-rest ROC per class (binary: the positive class; multi-label: per label)."""
+    labels = np.asarray(labels)
+    scores = np.asarray(scores)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if task == "binary-class":
+        positive = scores[:, -1] if scores.ndim == 2 else scores
+        curves = [(names[-1] if names else "positive", labels.reshape(-1), positive)]
+    elif task == "multi-label":
+        curves = [(names[i], labels[:, i], scores[:, i]) for i in range(scores.shape[1])]
+    else:
+        flat = labels.reshape(-1)
+        curves = [(names[i], (flat == i).astype(int), scores[:, i]) for i in range(scores.shape[1])]
+    for name, y, s in curves:
+        if len(np.unique(y)) < 2:
+            continue  # ROC undefined without both classes present
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, label=str(name)[:24])
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def confusion_matrix_plot(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str | Path) -> Path:
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.8 + 0.6 * len(names)))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(names)), [str(n)[:12] for n in names], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), [str(n)[:12] for n in names], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="black" if m[i, j] < m.max() / 2 else "white")
+    return _save(fig, path)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """Show a 2D image (H x W or H x W x 3, any range) with a heat map over it, side by side with the image alone."""
+    img = np.asarray(image, dtype=float)
+    img = (img - img.min()) / (np.ptp(img) or 1.0)
+    fig, axes = plt.subplots(1, 2, figsize=(5, 2.7))
+    for ax in axes:
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+        ax.axis("off")
+    axes[1].imshow(heat, cmap="jet", alpha=0.45, extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
+    if title:
+        fig.suptitle(title, fontsize=8)
+    return _save(fig, path)
