@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic_data import N_SPLITS, write_npz
 
 from medboost.data import transforms as T
 from medboost.data.medmnist import (
@@ -23,7 +24,7 @@ from medboost.data.medmnist import (
     locate,
     search_dirs,
 )
-from medboost.data.medmnist_info import MEDMNIST_DATASETS, DatasetInfo, dataset_names, get_info
+from medboost.data.medmnist_info import MEDMNIST_DATASETS, dataset_names, get_info
 from medboost.errors import DataError
 
 REAL_DIR = Path(__file__).parents[1].parent / "shared" / "data" / "medmnist"
@@ -34,7 +35,6 @@ REAL_SPLITS = {
 }
 # One dataset per (task, 2D/3D) pair that MedMNIST has; 3D has no multi-label or ordinal dataset.
 SYNTHETIC = ["breastmnist", "pathmnist", "chestmnist", "retinamnist", "nodulemnist3d", "organmnist3d"]
-N_SPLITS = {"train": 20, "val": 6, "test": 6}
 
 
 @pytest.fixture(autouse=True)
@@ -42,35 +42,6 @@ def _isolated_search_path(tmp_path, monkeypatch):
     """Keep the user's ~/.medmnist and $MEDBOOST_DATA out of every test."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MEDBOOST_DATA", raising=False)
-
-
-def synthetic_arrays(info: DatasetInfo, size: int = 28, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    if info.is_3d:
-        shape = (size, size, size)
-    else:
-        shape = (size, size) if info.n_channels == 1 else (size, size, 3)
-    arrays = {}
-    for split, n in N_SPLITS.items():
-        arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
-        if info.is_multi_label:
-            labels = rng.integers(0, 2, size=(n, info.num_classes))
-            labels[0], labels[1] = 0, 1  # every label takes both values
-        else:
-            labels = (np.arange(n) % info.num_classes).reshape(n, 1)
-        arrays[f"{split}_labels"] = labels.astype(np.uint8)
-    return arrays
-
-
-def write_npz(folder: Path, name: str, size: int = 28, **overrides) -> Path:
-    info = get_info(name)
-    arrays = synthetic_arrays(info, size)
-    arrays.update(overrides)
-    arrays = {k: v for k, v in arrays.items() if v is not None}
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / info.file_name(size)
-    np.savez(path, **arrays)
-    return path
 
 
 def real_file(name: str) -> Path:

@@ -77,6 +77,7 @@ def _cmd_demo(args) -> int:
         data_dir=args.data_dir,
         seed=args.seed,
         block=args.block,
+        download=not args.no_download,
     )
     return 0
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=None, help="folder holding the MedMNIST .npz (default: search path)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--block", default="smollm2-135m", help="LLM source for the boosted model")
+    demo.add_argument("--no-download", action="store_true", help="never try to download the dataset")
 
     predict = sub.add_parser("predict", help="classify image files (PNG/JPG/NIfTI/npy) with a saved model")
     predict.add_argument("model", help="a saved model folder (run folder's model/)")

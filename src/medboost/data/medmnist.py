@@ -516,10 +516,12 @@ class MedMNISTDataModule(L.LightningDataModule):
         # resumed run sees the same batches as an uninterrupted one. Worker seeds derive from the global torch RNG,
         # which the training task reseeds every epoch.
         dataset = self.dataset(split)
+        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
         return DataLoader(
             WithIndex(dataset),
             batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
+            sampler=sampler,
+            generator=sampler.generator if sampler else torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             worker_init_fn=seed_worker,
             persistent_workers=self.num_workers > 0,

@@ -17,12 +17,20 @@ class EpochSeededSampler(Sampler[int]):
         self.length = length
         self.seed = seed
         self.epoch = 0
+        # Give this to the DataLoader too: its per-iterator worker base seed is then drawn from (seed, epoch) rather
+        # than from the global RNG, whose position differs between a fresh and a resumed run.
+        self.generator = torch.Generator()
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.generator.manual_seed(self._epoch_seed() + 1)
+
+    def _epoch_seed(self) -> int:
+        return self.seed * 100_003 + self.epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self._epoch_seed())
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
     def __len__(self) -> int:

@@ -23,6 +23,7 @@ class DataConfig:
     size: int = 28
     data_dir: str | None = None
     download: bool = False
+    verify_md5: bool = True  # False only for files you made yourself (official files always match their MD5)
     batch_size: int = 128
     num_workers: int = 0
     as_rgb: bool = False
@@ -173,8 +174,8 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     i = 0
     while i < len(tokens):
         token = tokens[i]
-        if not token.startswith("--") or "." not in token:
-            raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key VALUE")
+        if not token.startswith("--") or len(token) < 3:
+            raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key VALUE or --key VALUE")
         if "=" in token:
             key, raw = token[2:].split("=", 1)
             i += 1
@@ -183,5 +184,5 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {token} has no value")
             key, raw = token[2:], tokens[i + 1]
             i += 2
-        out[key] = yaml.safe_load(raw)
+        out[key.replace("-", "_")] = yaml.safe_load(raw)
     return out

@@ -54,14 +54,14 @@ class EpochTimer(Callback):
 
 def build_trainer(cfg: RunConfig, run_dir: Path, monitor: str, mode: str, extra_callbacks: list[Callback] = ()):
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best-{epoch:03d}",
-        monitor=monitor,
-        mode=mode,
-        save_last=True,
-        save_top_k=1,
+        dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}", monitor=monitor, mode=mode, save_top_k=1
     )
-    callbacks: list[Callback] = [checkpoint, *extra_callbacks]
+    # Lightning >= 2.6 writes `save_last` only when a top-k checkpoint was written in the same step, so "last" is a
+    # checkpoint callback of its own: the newest epoch, always, for resuming an interrupted run.
+    last = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
+    callbacks: list[Callback] = [checkpoint, last, *extra_callbacks]
     t = cfg.trainer
     if t.patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=t.patience))
@@ -102,6 +102,7 @@ def fit_and_test(
     monitor: str,
     mode: str = "max",
     resume: bool = True,
+    callbacks: list[Callback] = (),
 ) -> dict[str, Any]:
     """Train with validation-based checkpoint selection, then test once at the selected checkpoint.
 
@@ -110,7 +111,7 @@ def fit_and_test(
     """
     run_dir = cfg.run_dir
     timer = EpochTimer()
-    trainer, checkpoint = build_trainer(cfg, run_dir, monitor, mode, [timer])
+    trainer, checkpoint = build_trainer(cfg, run_dir, monitor, mode, [timer, *callbacks])
     last = run_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if resume and last.is_file() else None
     start = time.perf_counter()

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from medboost.errors import ConfigError
+from medboost.models.booster import BoosterConfig
 from medboost.models.registry import create_model
 
 CONFIG_NAME = "config.json"
@@ -68,7 +69,7 @@ def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu"
     folder = Path(folder)
     record = read_model_config(folder)
     kwargs = record["kwargs"]
-    booster = kwargs.get("booster")
+    booster = BoosterConfig(**kwargs["booster"]).to_dict() if kwargs.get("booster") else None
     if booster and booster["block"]["init"] != "none" and "llm_config" in record:
         # Rebuild the block's structure from the stored config; its weights come from model.safetensors below.
         llm = record["llm_config"]

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+
 from medboost.data import transforms as T
 from medboost.data.medmnist import MedMNISTDataModule
 from medboost.engine.config import RunConfig
@@ -28,6 +30,7 @@ def build_datamodule(cfg: RunConfig) -> MedMNISTDataModule:
         download=d.download,
         as_rgb=d.as_rgb,
         seed=cfg.seed,
+        verify_md5=d.verify_md5,
     )
     if dm.spatial_dims == 2:
         train = T.train_transform_2d(size=d.resize) if d.augment else T.eval_transform_2d(size=d.resize)
@@ -46,11 +49,25 @@ def build_model(cfg: RunConfig, dm: MedMNISTDataModule):
     return create_model(cfg.model.name, **{**kwargs, **cfg.model.kwargs})
 
 
-def train_classifier(cfg: RunConfig, resume: bool = True, make_plots: bool = True) -> dict[str, Any]:
+def input_spec(cfg: RunConfig, dm: MedMNISTDataModule) -> dict[str, Any]:
+    """How a raw image must be prepared for the model (saved with it, used by ``medboost predict``)."""
+    return {
+        "spatial_dims": dm.spatial_dims,
+        "in_channels": dm.in_channels,
+        "img_size": cfg.data.resize or dm.image_size,
+        "num_classes": dm.num_classes,
+        # The eval transforms' normalisation: 2D (x - 0.5) / 0.5 on [0, 1] images; 3D volumes stay in [0, 1].
+        "normalize": [0.5, 0.5] if dm.spatial_dims == 2 else None,
+    }
+
+
+def train_classifier(cfg: RunConfig, resume: bool = True, make_plots: bool = True, callbacks=()) -> dict[str, Any]:
     """Train ``cfg`` and write ``result.json``, ``model/`` (loadable with ``load_pretrained``) and plots to the run
     folder. Returns the result record."""
     set_threads()
     started = time.perf_counter()
+    # Model initialisation (and anything else before the first epoch) draws from the global RNGs: seed them all.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     dm.setup()
     model = build_model(cfg, dm)
@@ -64,7 +81,7 @@ def train_classifier(cfg: RunConfig, resume: bool = True, make_plots: bool = Tru
         test_every_epoch=cfg.report_best_test_epoch,
     )
     dm.test_every_epoch = cfg.report_best_test_epoch
-    outcome = fit_and_test(cfg, task, dm, monitor="val_auc", mode="max", resume=resume)
+    outcome = fit_and_test(cfg, task, dm, monitor="val_auc", mode="max", resume=resume, callbacks=list(callbacks))
     trainer = outcome.pop("trainer")
     run_dir = cfg.run_dir
     result: dict[str, Any] = {
@@ -83,7 +100,9 @@ def train_classifier(cfg: RunConfig, resume: bool = True, make_plots: bool = Tru
             best = max(task.history, key=lambda e: e.get("test_auc", float("-inf")))
             result["best_test_epoch_for_comparison_only"] = best
         save_pretrained(
-            model, run_dir / "model", extra={"task": dm.task, "label_names": names, "dataset": dm.info.name}
+            model,
+            run_dir / "model",
+            extra={"task": dm.task, "label_names": names, "dataset": dm.info.name, "input": input_spec(cfg, dm)},
         )
         if make_plots:
             _plots(run_dir, dm.task, names, labels, scores, result["test_report"])

@@ -69,12 +69,8 @@ _EXTRA_CONFIG_KEYS = {"qwen3": {"attention.key_length": "head_dim"}}
 # A Gemma 3 GGUF holds only the text model.
 _MODEL_TYPES = {"gemma3": "gemma3_text"}
 
-# Types stored as plain values: read with a numpy dtype rather than as bytes of blocks.
-_PLAIN_DTYPES = {
-    GGMLQuantizationType.F32: np.float32,
-    GGMLQuantizationType.F16: np.float16,
-    GGMLQuantizationType.F64: np.float64,
-}
+# Float types stored as plain values (F64 aside): viewed with a numpy dtype rather than as bytes of blocks.
+_PLAIN_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
 
 @dataclass(frozen=True)
@@ -108,6 +104,8 @@ class GGUFTensorInfo:
 
 @dataclass
 class GGUFHeader:
+    """Everything before the tensor data."""
+
     version: int
     metadata: dict[str, object]  # scalars decoded, arrays as GGUFArray
     tensors: list[GGUFTensorInfo]
@@ -115,7 +113,7 @@ class GGUFHeader:
 
 
 class _HeaderParser:
-    """Walks the header bytes. Every read goes through ``struct.unpack_from``, which raises past the end."""
+    """Walks the header bytes. A read past the end raises ``struct.error``, reported as a cut-short header."""
 
     def __init__(self, buf: memoryview, path: Path):
         self.buf = buf
@@ -313,7 +311,7 @@ class GGUFReader(CheckpointReader):
 
     def metadata_array(self, key: str) -> list:
         """Decode one metadata array on demand (numbers or strings), e.g. ``tokenizer.ggml.tokens``."""
-        array = self.metadata[key]
+        array = self.metadata.get(key)
         if not isinstance(array, GGUFArray):
             raise BlockLoadError(f"{self.path}: metadata {key!r} is not an array")
         return self._decode_array(array)
@@ -342,20 +340,33 @@ class GGUFReader(CheckpointReader):
         raise BlockLoadError(f"{self.path}: cannot decode a metadata array of {array.element_type.name} elements")
 
     def _build_config(self, gguf_tensor_names: list[str]) -> PretrainedConfig:
-        """The transformers config, built from metadata exactly as transformers' GGUF loader builds it."""
+        """The transformers config, built from metadata the way transformers' GGUF loader builds it."""
+        kwargs = self._config_kwargs()
+        # llama.cpp writes the output projection only when it is not tied to the embedding.
+        kwargs.setdefault("tie_word_embeddings", "output.weight" not in gguf_tensor_names)
+        if "vocab_size" not in kwargs and isinstance(self.metadata.get("tokenizer.ggml.tokens"), GGUFArray):
+            kwargs["vocab_size"] = len(self.metadata["tokenizer.ggml.tokens"])
+        model_type = kwargs.pop("model_type")
+        model_type = _MODEL_TYPES.get(model_type, model_type)
+        try:
+            return AutoConfig.for_model(model_type, **kwargs)
+        except (ValueError, TypeError) as err:
+            raise BlockLoadError(
+                f"{self.path}: cannot build a {model_type} config from the GGUF metadata: {err}"
+            ) from err
+
+    def _config_kwargs(self) -> dict[str, object]:
+        """Metadata renamed to config fields with transformers' ``GGUF_CONFIG_MAPPING`` (keys it maps to None or -1
+        are dropped), on top of its per-architecture defaults."""
         arch = self.architecture
-        # transformers tests ``"mistral" in [general.name]``: a list membership, so only an exact match counts.
+        # transformers tests ``"mistral" in [general.name]``: list membership, so only an exact name counts.
         model_arch = "mistral" if arch == "llama" and self.metadata.get("general.name") == "mistral" else arch
         tables = {**{a: GGUF_CONFIG_MAPPING[b] for a, b in _CONFIG_TABLE_ALIASES.items()}, **GGUF_CONFIG_MAPPING}
         tables[model_arch] = {**tables.get(model_arch, {}), **_EXTRA_CONFIG_KEYS.get(model_arch, {})}
-
-        # llama.cpp writes the output projection only when it is not tied to the embedding.
-        kwargs: dict[str, object] = {"tie_word_embeddings": "output.weight" not in gguf_tensor_names}
-        for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(
-            model_arch, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {})
-        ).items():
-            kwargs.setdefault(key, value)
+        defaults = GGUF_CONFIG_DEFAULTS_MAPPING.get(model_arch, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {}))
+        kwargs = dict(defaults)
         for key, value in self.metadata.items():
+            # "llama.*" keys (and "llama" inside string values) read as "mistral.*" for a Mistral file
             prefix, _, rest = key.replace(arch, model_arch).partition(".")
             target = tables.get(prefix, {}).get(rest)
             if target is None or target == -1:
@@ -365,17 +376,7 @@ class GGUFReader(CheckpointReader):
             elif isinstance(value, str):
                 value = value.replace(arch, model_arch)
             kwargs[target] = value
-        if "vocab_size" not in kwargs and isinstance(self.metadata.get("tokenizer.ggml.tokens"), GGUFArray):
-            kwargs["vocab_size"] = len(self.metadata["tokenizer.ggml.tokens"])
-
-        model_type = kwargs.pop("model_type")
-        model_type = _MODEL_TYPES.get(model_type, model_type)
-        try:
-            return AutoConfig.for_model(model_type, **kwargs)
-        except (ValueError, TypeError) as err:
-            raise BlockLoadError(
-                f"{self.path}: cannot build a {model_type} config from the GGUF metadata: {err}"
-            ) from err
+        return kwargs
 
     def _parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every state-dict name of the causal-LM model for the config, with its shape (from a meta-device model)."""
@@ -410,20 +411,7 @@ class GGUFReader(CheckpointReader):
     def _load(self, hf_name: str) -> np.ndarray:
         """One tensor as a fresh float32 array in transformers' layout."""
         info = self._by_hf_name[hf_name]
-        raw = self._mm[info.offset : info.offset + info.nbytes]
-        if info.qtype == GGMLQuantizationType.F64:
-            values = raw.view(np.float64).reshape(info.shape).astype(np.float32)
-        elif info.qtype in _PLAIN_DTYPES:
-            values = dequantize(raw.view(_PLAIN_DTYPES[info.qtype]).reshape(info.shape), info.qtype)
-        else:
-            try:
-                values = dequantize(raw.reshape(info.byte_shape), info.qtype)
-            except NotImplementedError:
-                raise BlockLoadError(
-                    f"{self.path}: tensor {info.name!r} is stored as {info.qtype.name}, which the installed gguf "
-                    "package cannot dequantise"
-                ) from None
-        values = self._undo_conversion(info, values)
+        values = self._undo_conversion(info, self._dequantised(info))
         expected = self._expected_shapes[hf_name]
         if tuple(values.shape) != expected:
             raise BlockLoadError(
@@ -434,6 +422,22 @@ class GGUFReader(CheckpointReader):
         if isinstance(values, np.memmap) or not values.flags.writeable:
             values = np.array(values, dtype=np.float32)
         return np.ascontiguousarray(values, dtype=np.float32)
+
+    def _dequantised(self, info: GGUFTensorInfo) -> np.ndarray:
+        """The stored values as float32, in torch order. Plain float types are viewed with their numpy dtype, block
+        types as bytes, exactly as ``gguf.GGUFReader`` hands them to ``dequantize`` for transformers."""
+        raw = self._mm[info.offset : info.offset + info.nbytes]
+        if info.qtype == GGMLQuantizationType.F64:  # gguf has no dequantiser for it (nor does transformers)
+            return raw.view(np.float64).reshape(info.shape).astype(np.float32)
+        if info.qtype in _PLAIN_DTYPES:
+            return dequantize(raw.view(_PLAIN_DTYPES[info.qtype]).reshape(info.shape), info.qtype)
+        try:
+            return dequantize(raw.reshape(info.byte_shape), info.qtype)
+        except NotImplementedError:  # integer tensors, and block types gguf cannot unpack (e.g. Q8_1, Q8_K)
+            raise BlockLoadError(
+                f"{self.path}: tensor {info.name!r} is stored as {info.qtype.name}, which the installed gguf package "
+                "cannot dequantise"
+            ) from None
 
     def _undo_conversion(self, info: GGUFTensorInfo, values: np.ndarray) -> np.ndarray:
         """Reverse what llama.cpp's converter did to this tensor (as transformers' GGUF tensor processors do)."""
