@@ -12,6 +12,7 @@ from collections.abc import Callable
 from torch import nn
 
 from medboost.errors import ConfigError
+from medboost.llm.readers import CheckpointReader
 from medboost.models.booster import BoosterConfig
 from medboost.models.classifier import ViTClassifier, resnet
 
@@ -52,7 +53,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
 def _plain(value):
     """Dataclasses -> dicts, recursively, so that model configs serialise to JSON."""
     if hasattr(value, "to_dict"):
-        return value.to_dict()
+        return _plain(value.to_dict())
+    if isinstance(value, CheckpointReader):  # an in-memory or already-open source: record where it came from
+        return value.source
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

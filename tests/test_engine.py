@@ -1,0 +1,74 @@
+"""Run configuration, learning-rate schedules, recipes in configs/, and the optimiser's parameter selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medboost.data.medmnist_info import get_info
+from medboost.engine.config import OptimConfig, load_config, parse_overrides
+from medboost.engine.optim import build_optimizer, lr_factor
+from medboost.errors import ConfigError
+from medboost.llm import PRESETS
+from medboost.models import create_model
+
+RECIPES = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_overrides_are_typed_and_nested():
+    values = parse_overrides(["--optim.lr", "5e-4", "--trainer.devices=2", "--seed", "3", "--data.resize", "null"])
+    assert values == {"optim.lr": "5e-4", "trainer.devices": 2, "seed": 3, "data.resize": None}
+    cfg = load_config(None, values)
+    assert cfg.optim.lr == 5e-4 and cfg.trainer.devices == 2 and cfg.seed == 3
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"config.optim: unknown key\(s\) lrr"):
+        load_config(None, {"optim.lrr": 1})
+    with pytest.raises(ConfigError, match="config.trainer.max_epochs: expected int"):
+        load_config(None, {"trainer.max_epochs": "many"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_recipe_loads_and_builds_its_model(recipe):
+    cfg = load_config(recipe)
+    info = get_info(cfg.data.dataset)
+    booster = cfg.model.kwargs.get("booster")
+    if booster and PRESETS.get(booster["block"]["source"]) and not PRESETS[booster["block"]["source"]].local_path():
+        pytest.skip(f"{booster['block']['source']} weights are not installed (hub only)")
+    kwargs = dict(
+        spatial_dims=info.spatial_dims,
+        num_classes=info.num_classes,
+        in_channels=3 if cfg.data.as_rgb else info.n_channels,
+    )
+    if cfg.model.name.startswith("vit"):
+        kwargs["img_size"] = cfg.data.resize or cfg.data.size
+    model = create_model(cfg.model.name, **{**kwargs, **cfg.model.kwargs})
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+def test_warmup_then_cosine_and_multistep():
+    cos = OptimConfig(lr=1.0, schedule="cosine", warmup_epochs=2)
+    factors = [lr_factor(cos, s, steps_per_epoch=10, max_epochs=10) for s in range(100)]
+    assert factors[0] == pytest.approx(0.05) and factors[19] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[20:], factors[21:])) and factors[-1] < 0.01
+    step = OptimConfig(lr=1.0, schedule="multistep", milestones=[0.5, 0.75], gamma=0.1)
+    assert [lr_factor(step, e * 10, 10, 100) for e in (49, 50, 74, 75)] == pytest.approx([1, 0.1, 0.1, 0.01])
+
+
+def test_frozen_parameters_never_reach_the_optimizer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    opt = build_optimizer(model, OptimConfig(name="adamw", weight_decay=0.05))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert not any(p is model[0].weight for p in params) and len(params) == 4
+    assert {g["weight_decay"] for g in opt.param_groups if g["params"]} == {0.05, 0.0}
+    model.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        build_optimizer(model, OptimConfig())
