@@ -92,7 +92,7 @@ def test_layer_tensors_and_config_match_the_model(saved: Saved, layout: str):
 
 def test_reading_one_layer_opens_only_its_shards(saved: Saved, monkeypatch):
     opened, headers = [], []
-    real_open, real_header = sr.safe_open, sr.read_safetensors_header
+    real_open, real_header = sr._read_tensors, sr.read_safetensors_header
 
     def spy_open(path, *args, **kwargs):
         opened.append(Path(path).name)
@@ -102,7 +102,7 @@ def test_reading_one_layer_opens_only_its_shards(saved: Saved, monkeypatch):
         headers.append(Path(path).name)
         return real_header(path)
 
-    monkeypatch.setattr(sr, "safe_open", spy_open)
+    monkeypatch.setattr(sr, "_read_tensors", spy_open)
     monkeypatch.setattr(sr, "read_safetensors_header", spy_header)
     reader = SafetensorsReader(saved.sharded)
     assert headers == [] and opened == []  # opening an index reads no shard at all

@@ -3,8 +3,9 @@
 A Hugging Face model folder holds ``config.json`` and either one ``model.safetensors`` or several shards listed in
 ``model.safetensors.index.json`` (its ``weight_map`` maps every tensor name to the shard holding it). Reading one layer
 of a 7B model must not touch the other ~15 GB, so the reader opens only the shard(s) holding the requested names, and
-within a shard ``safetensors.safe_open`` reads only the requested tensors. From the hub, the same rule decides what is
-downloaded: the config and the index first, then a shard on the first read of a tensor in it.
+within a shard only the requested tensors' bytes are read (plain reads, no memory map: see ``_read_tensors``).
+From the hub, the same rule decides what is downloaded: the config and the index first, then a shard on the first
+read of a tensor in it.
 
 Tensor names are stored in transformers naming already and pass through unchanged (so multimodal layouts such as
 ``model.language_model.layers.*`` need nothing special).
@@ -27,7 +28,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from medboost.errors import BlockLoadError
@@ -167,7 +167,7 @@ class SafetensorsReader(CheckpointReader):
                     f"{self._paths[file]}: the index {self._index_file} lists {absent[0]!r} in this shard, but the "
                     f"shard does not hold it ({len(absent)} such tensor(s)); the checkpoint is inconsistent"
                 )
-            out.update(_read_tensors(self._paths[file], file_names))
+            out.update(_read_tensors(self._paths[file], file_names, header))
         return {n: out[n] for n in names}
 
     # ------------------------------------------------------------------ internals
@@ -270,15 +270,48 @@ def _entry_end(path: Path, name: str, entry: object) -> int:
     return end
 
 
-def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_tensors(path: Path, names: list[str], header: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Read the named tensors with plain file reads, converting each to float32 before the next is read.
+
+    Not memory-mapped on purpose: a mapped shard's pages stay resident next to the float32 copies, so peak memory
+    would be the layer in float32 plus its stored bytes; here it is the float32 layer plus one stored tensor.
+    """
     out = {}
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with path.open("rb") as fh:
+            data_start = 8 + int.from_bytes(fh.read(8), "little")
             for name in names:
-                tensor = fh.get_tensor(name)
+                entry = header[name]
+                dtype = _DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise BlockLoadError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+                begin, end = entry["data_offsets"]
+                fh.seek(data_start + begin)
+                raw = bytearray(end - begin)
+                if fh.readinto(raw) != len(raw):
+                    raise BlockLoadError(f"{path}: truncated while reading tensor {name!r}")
+                tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+                tensor = tensor.reshape(entry["shape"])
                 # One output dtype for every reader; integer buffers (e.g. position ids) keep theirs.
-                out[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
-    except (SafetensorError, OSError, RuntimeError) as exc:
+                out[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor.clone()
+                del raw, tensor
+    except (OSError, RuntimeError, ValueError) as exc:
         raise BlockLoadError(f"{path}: cannot read tensor data (corrupt or truncated file?): {exc}") from exc
     return out
 
