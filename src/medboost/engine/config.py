@@ -32,6 +32,31 @@ class DataConfig:
 
 
 @dataclass
+class SegmentationDataConfig:
+    """Data for segmentation: an MSD task folder (``imagesTr/`` + ``labelsTr/``, ``dataset.json`` when present) or a
+    paired 2D folder (``images/`` + ``masks/``)."""
+
+    root: str = "../shared/data/msd/Task04_Hippocampus"
+    spatial_dims: int | None = None  # inferred from the files when None
+    roi_size: list[int] = field(default_factory=lambda: [32, 48, 32])
+    split: str | None = None  # a split JSON (case ids per split); None: a seeded split made from the case list
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    train_fraction: float = 1.0  # 0.1 / 0.3 / 1.0 as the paper studied; nested subsets of the training cases
+    k_folds: int | None = None
+    fold: int = 0
+    batch_size: int = 4
+    num_workers: int = 0
+    augment: bool = True
+    normalize: str = "zscore"  # zscore | percentile
+    spacing: list[float] | None = None  # resample to this spacing (mm); None keeps the native grid
+    channels: list[int] | None = None  # channel selection for multi-modal images
+    strict: bool = True  # refuse the run when any image/label pair is broken (else report and drop them)
+    sw_overlap: float = 0.5  # sliding-window overlap at validation and test
+    write_predictions: bool = True  # test predictions as NIfTI (3D) / PNG (2D) with overlays
+
+
+@dataclass
 class ModelConfig:
     name: str = "vit_tiny"
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -78,8 +103,8 @@ class TrainerConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "classification"
-    data: DataConfig = field(default_factory=DataConfig)
+    task: str = "classification"  # classification | segmentation
+    data: DataConfig | SegmentationDataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -94,10 +119,21 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __post_init__(self):
+        if self.task in DATA_CONFIGS and not isinstance(self.data, DATA_CONFIGS[self.task]):
+            self.data = DATA_CONFIGS[self.task]()  # defaults of the task's own data section
+
+    @property
+    def dataset_name(self) -> str:
+        return getattr(self.data, "dataset", None) or Path(self.data.root).name
+
     @property
     def run_dir(self) -> Path:
-        name = self.name or f"{self.data.dataset}/{self.model.name}/seed{self.seed}"
+        name = self.name or f"{self.dataset_name}/{self.model.name}/seed{self.seed}"
         return Path(self.output_dir) / name
+
+
+DATA_CONFIGS = {"classification": DataConfig, "segmentation": SegmentationDataConfig}
 
 
 def _is_dataclass_type(tp) -> bool:
@@ -115,6 +151,10 @@ def _build(cls, values: Any, where: str):
     kwargs = {}
     for key, value in values.items():
         tp = hints[key]
+        if cls is RunConfig and key == "data":  # the data section's schema depends on the task
+            tp = DATA_CONFIGS.get(values.get("task", "classification"))
+            if tp is None:
+                raise ConfigError(f"{where}.task: unknown task {values['task']!r}; known: {', '.join(DATA_CONFIGS)}")
         kwargs[key] = _build(tp, value, f"{where}.{key}") if _is_dataclass_type(tp) else _coerce(tp, value, where, key)
     return cls(**kwargs)
 

@@ -34,9 +34,10 @@ class BoosterConfig:
 
     block: BlockSpec = field(default_factory=BlockSpec)
     residual: str = "outer"
-    position: int = -1  # after which ViT block (negative counts from the end)
+    position: int | str = -1  # after which ViT block (negative counts from the end), or "embed" (before block 0)
     block_norm: bool = True
     zero_init: bool = True
+    lora_rank: int | None = None  # MedVisionLlama v3: adapters frozen at init, trained through rank-r LoRA updates
 
     def __post_init__(self):
         if isinstance(self.block, dict):
@@ -48,11 +49,35 @@ class BoosterConfig:
         return asdict(self)
 
 
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / r) * B(A(x))``, ``base`` frozen, ``A`` random, ``B`` zero: it starts equal to ``base``."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
+        super().__init__()
+        if rank < 1:
+            raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base.requires_grad_(False)
+        self.a = nn.Linear(base.in_features, rank, bias=False)
+        self.b = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.a.weight, a=5**0.5)
+        nn.init.zeros_(self.b.weight)
+        self.scale = (alpha or rank) / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * self.b(self.a(x))
+
+
 class LLMBooster(nn.Module):
     """``x (B, T, dim) -> (B, T, dim)`` through ``M1``, the block ``L`` and ``M2`` with the chosen residual."""
 
     def __init__(
-        self, dim: int, block: nn.Module, residual: str = "outer", block_norm: bool = True, zero_init: bool = True
+        self,
+        dim: int,
+        block: nn.Module,
+        residual: str = "outer",
+        block_norm: bool = True,
+        zero_init: bool = True,
+        lora_rank: int | None = None,
     ):
         super().__init__()
         if residual not in RESIDUAL_MODES:
@@ -68,10 +93,14 @@ class LLMBooster(nn.Module):
             nn.init.zeros_(self.m2.weight)
         else:
             nn.init.trunc_normal_(self.m2.weight, std=width**-0.5)
+        if lora_rank is not None:
+            self.m1, self.m2 = LoRALinear(self.m1, lora_rank), LoRALinear(self.m2, lora_rank)
 
     @classmethod
     def from_config(cls, dim: int, config: BoosterConfig) -> LLMBooster:
-        return cls(dim, build_block(config.block), config.residual, config.block_norm, config.zero_init)
+        return cls(
+            dim, build_block(config.block), config.residual, config.block_norm, config.zero_init, config.lora_rank
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.m1(x)

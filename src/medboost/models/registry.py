@@ -87,3 +87,66 @@ def _resnet18(**kwargs) -> nn.Module:
 @register_model("resnet50")
 def _resnet50(**kwargs) -> nn.Module:
     return resnet(50, **kwargs)
+
+
+# -- segmentation -------------------------------------------------------------------------------------------------
+_SEG_DEFAULTS = dict(patch_size=8, dim=192, depth=6, heads=3)
+
+
+@register_model("vit_seg")
+def _vit_seg(**kwargs) -> nn.Module:
+    """The segmentation ViT without LLM block, hybrid attention or fusion (each can be switched on)."""
+    from medboost.models.segmenter import ViTSegmenter
+
+    return ViTSegmenter(**{**_SEG_DEFAULTS, **kwargs})
+
+
+@register_model("medvisionllama")
+def _medvisionllama(booster: BoosterConfig | dict | None = None, **kwargs) -> nn.Module:
+    """MedVisionLlama: frozen LLM block (SmolLM2 last layer by default) + hybrid attention + multi-scale fusion."""
+    from medboost.models.segmenter import ViTSegmenter
+
+    options = {**_SEG_DEFAULTS, "hybrid": True, "fusion": True, **kwargs}
+    return ViTSegmenter(**options, booster=booster if booster is not None else BoosterConfig())
+
+
+@register_model("unetr")
+def _unetr(
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    img_size=96,
+    feature_size: int = 16,
+    dim: int = 192,
+    heads: int = 3,
+    mlp_ratio: float = 4.0,
+) -> nn.Module:
+    """MONAI's UNETR (patch 16, 12 blocks); width and heads configurable to match the other arms."""
+    from monai.networks.nets import UNETR
+
+    return UNETR(
+        in_channels,
+        num_classes,
+        img_size,
+        feature_size=feature_size,
+        hidden_size=dim,
+        mlp_dim=int(dim * mlp_ratio),
+        num_heads=heads,
+        spatial_dims=spatial_dims,
+    )
+
+
+@register_model("unet")
+def _unet(
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    channels=(16, 32, 64, 128),
+    strides=(2, 2, 2),
+    num_res_units: int = 2,
+    img_size=None,
+) -> nn.Module:
+    """MONAI's residual UNet. ``img_size`` is accepted (and ignored) so every arm takes the same arguments."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims, in_channels, num_classes, channels=channels, strides=strides, num_res_units=num_res_units)

@@ -89,17 +89,56 @@ class MLP(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
+class LocalMixer(nn.Module):
+    """The local branch of hybrid attention: a depth-wise convolution over the token grid (3 x 3 or 3 x 3 x 3), so
+    each token mixes with its spatial neighbours. Tokens before ``skip`` (a CLS token) pass through as zeros."""
+
+    def __init__(self, dim: int, grid: tuple[int, ...], skip: int = 0, kernel_size: int = 3):
+        super().__init__()
+        conv = nn.Conv2d if len(grid) == 2 else nn.Conv3d
+        self.grid = grid
+        self.skip = skip
+        self.conv = conv(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, d = x.shape
+        grid_tokens = x[:, self.skip :].transpose(1, 2).reshape(b, d, *self.grid)
+        local = self.proj(F.gelu(self.conv(grid_tokens)).flatten(2).transpose(1, 2))
+        return torch.cat([torch.zeros_like(x[:, : self.skip]), local], dim=1)
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0):
+    """Pre-norm transformer block. With ``local`` it is a hybrid-attention block: global self-attention and the local
+    branch see the same normalised tokens and are mixed per channel by a learned gate, ``(1 - g) * global + g *
+    local`` with ``g = sigmoid(w)``, ``w`` starting at 0 (an even mix)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        local: nn.Module | None = None,
+    ):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, attn_drop=drop)
+        self.local = local
+        self.gate = nn.Parameter(torch.zeros(dim)) if local is not None else None
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
 
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        if self.local is None:
+            return self.attn(h)
+        g = torch.sigmoid(self.gate)
+        return (1 - g) * self.attn(h) + g * self.local(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.ln_1(x)))
+        x = x + self.drop_path(self.mix(self.ln_1(x)))
         return x + self.drop_path(self.mlp(self.ln_2(x)))
 
 
@@ -114,8 +153,9 @@ class ViT(nn.Module):
         dim, depth, heads, mlp_ratio: transformer width, number of blocks, attention heads, MLP expansion.
         drop, drop_path: dropout and stochastic-depth rate (linearly increasing over depth, as in DeiT).
         cls_token: prepend a learned CLS token (classification); segmentation uses patch tokens only.
-        inserts: modules run right after block ``i`` (``{i: module}``, negative ``i`` counts from the end); this is
-            where an LLM booster sits.
+        inserts: modules run right after block ``i`` (``{i: module}``, negative ``i`` counts from the end), or right
+            after the patch and position embedding (key ``"embed"``); this is where an LLM booster sits.
+        hybrid: hybrid attention (MedVisionLlama): every block adds a local depth-wise-convolution branch, gated.
     """
 
     def __init__(
@@ -131,7 +171,8 @@ class ViT(nn.Module):
         drop: float = 0.0,
         drop_path: float = 0.0,
         cls_token: bool = True,
-        inserts: dict[int, nn.Module] | None = None,
+        inserts: dict[int | str, nn.Module] | None = None,
+        hybrid: bool = False,
     ):
         super().__init__()
         self.spatial_dims = spatial_dims
@@ -142,14 +183,15 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))
         rates = torch.linspace(0, drop_path, depth).tolist()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, drop, r) for r in rates)
+        grid = self.patch_embed.grid
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio, drop, r, LocalMixer(dim, grid, skip=int(cls_token)) if hybrid else None)
+            for r in rates
+        )
         self.norm = nn.LayerNorm(dim)
         self.inserts = nn.ModuleDict()
         for index, module in (inserts or {}).items():
-            resolved = index + depth if index < 0 else index
-            if not 0 <= resolved < depth:
-                raise ConfigError(f"insert position {index} is out of range for a ViT of depth {depth}")
-            self.inserts[str(resolved)] = module
+            self.inserts[self._insert_key(index)] = module
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -167,6 +209,13 @@ class ViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def _insert_key(self, index: int | str) -> str:
+        if index == "embed":
+            return index
+        if not isinstance(index, int) or not -self.depth <= index < self.depth:
+            raise ConfigError(f"insert position {index} is out of range for a ViT of depth {self.depth} (or 'embed')")
+        return str(index % self.depth)
+
     @property
     def grid(self) -> tuple[int, ...]:
         return self.patch_embed.grid
@@ -177,6 +226,8 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
         h = h + self.pos_embed
+        if "embed" in self.inserts:
+            h = self.inserts["embed"](h)
         hidden = []
         for i, block in enumerate(self.blocks):
             h = block(h)
