@@ -1,10 +1,12 @@
-"""Synthetic MedMNIST-format npz files for tests (random images, labels covering every class)."""
+"""Synthetic test data: MedMNIST-format npz files, MSD-style NIfTI task folders and paired 2D PNG folders."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from PIL import Image
 
 from medboost.data.medmnist_info import DatasetInfo, get_info
 
@@ -40,3 +42,52 @@ def write_npz(folder: Path, name: str, size: int = 28, n_splits: dict[str, int] 
     path = folder / info.file_name(size)
     np.savez(path, **arrays)
     return path
+
+
+# -- segmentation ------------------------------------------------------------------------------------------------
+SHAPES = [(12, 14, 10), (13, 12, 11), (10, 15, 12), (14, 13, 10), (11, 12, 13), (12, 12, 12), (13, 14, 11), (10, 11, 9)]
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def case_arrays(shape, seed: int, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A positive random image and a label with classes 1 and 2 in two blocks."""
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(1, 100, size=(*shape, channels) if channels > 1 else shape).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    label[2:6, 2:6, 2:6] = 1
+    label[6:9, 3:8, 4:8] = 2
+    return image, label
+
+
+def write_case(root: Path, case: str, shape, seed: int, channels: int = 1) -> None:
+    image, label = case_arrays(shape, seed, channels)
+    write_nifti(root / "imagesTr" / f"{case}.nii.gz", image)
+    write_nifti(root / "labelsTr" / f"{case}.nii.gz", label)
+
+
+def make_msd(root: Path, shapes=SHAPES) -> Path:
+    for i, shape in enumerate(shapes):
+        write_case(root, f"case_{i:03d}", shape, seed=i)
+    return root
+
+
+def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def make_2d(root: Path, n: int = 6, mask_dir: str = "masks") -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        image = rng.integers(1, 255, size=(40, 36), dtype=np.uint8)
+        mask = np.zeros((40, 36), np.uint8)
+        mask[5 + i : 20 + i, 4:30] = 255
+        suffix = ".tif" if i == 1 else ".png"  # formats may mix within one folder
+        write_png(root / "images" / f"{i}{suffix}", image)
+        write_png(root / mask_dir / f"{i}.png", mask)
+    return root

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic_data import SHAPES, case_arrays, make_2d, make_msd, write_nifti, write_png
 
 from medboost.data.segmentation import (
     SegmentationDataModule,
@@ -35,7 +36,6 @@ SHARED = Path(__file__).parents[1].parent / "shared" / "data"
 HIPPO = SHARED / "msd" / "Task04_Hippocampus"
 TRAPS = SHARED / "msd" / "Task04_Hippocampus_traps"
 ISBI = SHARED / "em" / "isbi2012"
-SHAPES = [(12, 14, 10), (13, 12, 11), (10, 15, 12), (14, 13, 10), (11, 12, 13), (12, 12, 12), (13, 14, 11), (10, 11, 9)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,53 +56,8 @@ def need(path: Path) -> Path:
 # --------------------------------------------------------------------------------------------------- synthetic files
 
 
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
-    return path
-
-
-def case_arrays(shape, seed: int, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """A positive random image and a label with classes 1 and 2 in two blocks."""
-    rng = np.random.default_rng(seed)
-    image = rng.uniform(1, 100, size=(*shape, channels) if channels > 1 else shape).astype(np.float32)
-    label = np.zeros(shape, np.uint8)
-    label[2:6, 2:6, 2:6] = 1
-    label[6:9, 3:8, 4:8] = 2
-    return image, label
-
-
-def write_case(root: Path, case: str, shape, seed: int, channels: int = 1) -> None:
-    image, label = case_arrays(shape, seed, channels)
-    write_nifti(root / "imagesTr" / f"{case}.nii.gz", image)
-    write_nifti(root / "labelsTr" / f"{case}.nii.gz", label)
-
-
-def make_msd(root: Path, shapes=SHAPES) -> Path:
-    for i, shape in enumerate(shapes):
-        write_case(root, f"case_{i:03d}", shape, seed=i)
-    return root
-
-
 def problems_by_name(report) -> dict[str, str]:
     return {Path(p.file.split(" / ")[-1]).name: p.reason for p in report.problems}
-
-
-def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode=mode).save(path)
-
-
-def make_2d(root: Path, n: int = 6, mask_dir: str = "masks") -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        image = rng.integers(1, 255, size=(40, 36), dtype=np.uint8)
-        mask = np.zeros((40, 36), np.uint8)
-        mask[5 + i : 20 + i, 4:30] = 255
-        suffix = ".tif" if i == 1 else ".png"  # formats may mix within one folder
-        write_png(root / "images" / f"{i}{suffix}", image)
-        write_png(root / mask_dir / f"{i}.png", mask)
-    return root
 
 
 # --------------------------------------------------------------------------------------------------- pairing
@@ -511,3 +466,21 @@ def test_real_hippocampus_data_module(tmp_path):
         warnings.simplefilter("ignore")
         agreement = (restored.numpy() == original).mean()  # resampled to 1.5 mm and back: nearly, not exactly
     assert agreement > 0.95
+
+
+def test_reoriented_volume_is_served_in_ras_and_inverted_to_the_file_grid(tmp_path):
+    # Stored with flipped and swapped axes (as many scanners write): the model sees RAS, predictions go back exactly.
+    root = tmp_path / "Task99_Oblique"
+    affine = np.array([[-1.0, 0, 0, 10], [0, 0, 1.5, -3], [0, -1, 0, 5], [0, 0, 0, 1]])
+    for i in range(5):
+        image, label = case_arrays((12, 13, 10), seed=i)
+        write_nifti(root / "imagesTr" / f"c{i}.nii.gz", image, affine)
+        write_nifti(root / "labelsTr" / f"c{i}.nii.gz", label, affine)
+    dm = SegmentationDataModule(root, roi_size=8, val_fraction=0.2, test_fraction=0.2)
+    dm.setup()
+    image, label, _ = next(iter(dm.val_dataloader()))
+    info = dm.case_info("val", 0)
+    assert (info.original_shape, info.shape, tuple(image.shape[2:])) == ((12, 13, 10), (12, 10, 13), (12, 10, 13))
+    assert np.array_equal(info.affine, affine)
+    original = np.asanyarray(nib.load(str(info.label)).dataobj)
+    assert np.array_equal(dm.invert("val", 0, label[0, 0]).numpy(), original)

@@ -57,11 +57,20 @@ def _cmd_train(args, extra: list[str]) -> int:
     from medboost.pipelines.classification import train_classifier
 
     cfg = load_config(args.config, parse_overrides(extra))
-    if cfg.task != "classification":
-        raise MedboostError(f"task {cfg.task!r} is not available yet; supported: classification")
+    print(f"run folder: {cfg.run_dir}")
+    if cfg.task == "segmentation":
+        from medboost.pipelines.segmentation import train_segmenter
+
+        result = train_segmenter(cfg, resume=not args.no_resume)
+        test = result.get("test", {})
+        print(f"best epoch (by validation Dice): {result.get('best_epoch')}  val Dice {result.get('best_val'):.4f}")
+        print(
+            "test (mean over foreground classes): "
+            + "  ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in test.items() if k != "test_loss")
+        )
+        return 0
     result = train_classifier(cfg, resume=not args.no_resume)
     test = result.get("test", {})
-    print(f"run folder: {cfg.run_dir}")
     print(f"best epoch (by validation AUC): {result.get('best_epoch')}  val AUC {result.get('best_val'):.4f}")
     print(f"test ACC {test.get('test_acc', float('nan')):.4f}  AUC {test.get('test_auc', float('nan')):.4f}")
     return 0

@@ -1,0 +1,136 @@
+"""One segmentation run end to end: checked data, model, training, sliding-window test on every test case, written
+predictions (NIfTI in the source grid for 3D, PNG for 2D) with overlays, metrics and a saved model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from medboost.data.segmentation import SegmentationDataModule
+from medboost.engine.config import RunConfig
+from medboost.engine.records import count_parameters, environment, write_json
+from medboost.engine.trainer import fit_and_test, set_threads
+from medboost.models import create_model, save_pretrained
+from medboost.report.segmentation_io import overlay_png, write_nifti_like, write_png_mask
+from medboost.tasks.segmentation import SegmentationTask
+
+
+def build_datamodule(cfg: RunConfig) -> SegmentationDataModule:
+    d = cfg.data
+    return SegmentationDataModule(
+        d.root,
+        spatial_dims=d.spatial_dims,
+        roi_size=d.roi_size,
+        split=d.split,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        train_fraction=d.train_fraction,
+        fold=d.fold if d.k_folds else None,
+        k=d.k_folds,
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        augment=d.augment,
+        normalize=d.normalize,
+        spacing=d.spacing,
+        modality=d.channels,
+        seed=cfg.seed,
+        strict=d.strict,
+    )
+
+
+def build_model(cfg: RunConfig, dm: SegmentationDataModule):
+    kwargs = dict(
+        spatial_dims=dm.spatial_dims, in_channels=dm.in_channels, num_classes=dm.num_classes, img_size=list(dm.roi_size)
+    )
+    return create_model(cfg.model.name, **{**kwargs, **cfg.model.kwargs})
+
+
+def grid_spacing(cfg: RunConfig, dm: SegmentationDataModule) -> tuple[float, ...]:
+    """Voxel size (mm) of the grid the metrics are computed on: the resampling target, else the first case's own."""
+    if cfg.data.spacing:
+        return tuple(cfg.data.spacing)
+    affine = dm.case_info("test", 0).affine
+    return tuple(float(v) for v in np.linalg.norm(affine[: dm.spatial_dims, : dm.spatial_dims], axis=0))
+
+
+def prediction_writer(dm: SegmentationDataModule, folder: Path, names: list[str]):
+    """Write each test prediction in its source file's grid (NIfTI with the input's affine, or a PNG mask) plus an
+    overlay of image, ground truth and prediction."""
+
+    def write(split: str, index: int, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> None:
+        info = dm.case_info(split, index)
+        original = dm.invert(split, index, pred).squeeze().numpy().astype(np.uint8)
+        if dm.spatial_dims == 3:
+            write_nifti_like(original, info.image, folder / f"{info.case_id}.nii.gz")
+        else:
+            write_png_mask(original, folder / f"{info.case_id}.png", num_classes=len(names))
+        overlay_png(
+            image[0].numpy(),
+            label[0].numpy(),
+            pred.numpy(),
+            folder / f"{info.case_id}_overlay.png",
+            title=info.case_id,
+            class_names=names,
+        )
+
+    return write
+
+
+def train_segmenter(cfg: RunConfig, resume: bool = True, callbacks=()) -> dict[str, Any]:
+    """Train ``cfg`` (task: segmentation); write ``result.json``, ``model/``, ``predictions/`` to the run folder."""
+    set_threads()
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = build_datamodule(cfg)
+    dm.setup()
+    model = build_model(cfg, dm)
+    run_dir = cfg.run_dir
+    writer = prediction_writer(dm, run_dir / "predictions", dm.label_names) if cfg.data.write_predictions else None
+    task = SegmentationTask(
+        model,
+        dm.num_classes,
+        dm.roi_size,
+        cfg.optim,
+        cfg.trainer.max_epochs,
+        cfg.seed,
+        class_names=dm.label_names,
+        spacing=grid_spacing(cfg, dm),
+        sw_overlap=cfg.data.sw_overlap,
+        on_prediction=writer,
+    )
+    outcome = fit_and_test(cfg, task, dm, monitor="val_dice", mode="max", resume=resume, callbacks=list(callbacks))
+    trainer = outcome.pop("trainer")
+    result: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "data": dm.record(),
+        "model": {"name": cfg.model.name, **count_parameters(model)},
+        "environment": environment(),
+        **outcome,
+        "test_metrics": task.test_metrics,
+        "history": task.history,
+    }
+    if trainer.is_global_zero:
+        save_pretrained(
+            model,
+            run_dir / "model",
+            extra={
+                "task": "segmentation",
+                "label_names": dm.label_names,
+                "input": {
+                    "spatial_dims": dm.spatial_dims,
+                    "in_channels": dm.in_channels,
+                    "roi_size": list(dm.roi_size),
+                    "normalize": cfg.data.normalize,
+                    "spacing": cfg.data.spacing,
+                    "num_classes": dm.num_classes,
+                },
+            },
+        )
+        result["wall_seconds"] = time.perf_counter() - started
+        write_json(run_dir / "result.json", result)
+    return result

@@ -1,0 +1,134 @@
+"""Segmentation end to end through the real CLI: synthetic 3D MSD and 2D folders, predictions, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from synthetic_data import make_2d, write_case
+from tiny_models import tiny_config
+from transformers import AutoModelForCausalLM
+
+from medboost.cli import main
+from medboost.models import create_model, load_pretrained
+
+TRAPS = Path(__file__).parents[1].parent / "shared" / "data" / "msd" / "Task04_Hippocampus_traps"
+TINY_SEG = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "feature_size": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(folder)
+    return str(folder)
+
+
+def make_task(root: Path, n: int = 8) -> Path:
+    for i in range(n):
+        write_case(root, f"case_{i:03d}", (16, 18, 16), seed=i)
+    # one case with a non-identity affine: predictions must come back in its grid
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    affine[:3, 3] = [10, -5, 3]
+    img = nib.load(root / "imagesTr" / "case_000.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), root / "imagesTr" / "case_000.nii.gz")
+    lab = nib.load(root / "labelsTr" / "case_000.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj), affine), root / "labelsTr" / "case_000.nii.gz")
+    return root
+
+
+def _args(values: dict) -> list[str]:
+    return [token for key, value in values.items() for token in (f"--{key}", json.dumps(value))]
+
+
+def _values(root, out, model="medvisionllama", roi=(16, 16, 16), **extra):
+    values = {
+        "task": "segmentation",
+        "data.root": str(root),
+        "data.roi_size": list(roi),
+        "data.batch_size": 2,
+        "data.val_fraction": 0.25,
+        "data.test_fraction": 0.25,
+        "model.name": model,
+        "model.kwargs": dict(TINY_SEG),
+        "trainer.max_epochs": 1,
+        "trainer.progress": False,
+        "output_dir": str(out),
+        "optim.warmup_epochs": 0,
+    }
+    values.update(extra)
+    return values
+
+
+def test_cli_segmentation_3d_writes_predictions_in_the_source_grid(tmp_path, tiny_llm, capsys):
+    root = make_task(tmp_path / "Task99_Synthetic")
+    kwargs = dict(TINY_SEG, booster={"block": {"source": tiny_llm}, "position": "embed"})
+    assert main(["train", *_args(_values(root, tmp_path / "runs", **{"model.kwargs": kwargs}))]) == 0
+    run = tmp_path / "runs" / "Task99_Synthetic" / "medvisionllama" / "seed0"
+    result = json.loads((run / "result.json").read_text())
+    metrics = result["test_metrics"]
+    assert metrics["n_volumes"] == 2 and len(metrics["per_class"]) == 2  # both foreground classes, kept apart
+    assert 0.0 <= metrics["mean_foreground"]["dice"]["mean"] <= 1.0
+    predictions = sorted((run / "predictions").glob("*.nii.gz"))
+    assert len(predictions) == 2
+    for path in predictions:
+        source = nib.load(root / "imagesTr" / path.name)
+        written = nib.load(path)
+        assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+        assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
+        assert (run / "predictions" / path.name.replace(".nii.gz", "_overlay.png")).stat().st_size > 1000
+    assert "val Dice" in capsys.readouterr().out
+    model = load_pretrained(run / "model")
+    assert model(torch.randn(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+
+
+@pytest.mark.parametrize("model", ["vit_seg", "unet"])
+def test_cli_segmentation_2d(tmp_path, model):
+    root = make_2d(tmp_path / "em", n=8)
+    values = _values(root, tmp_path / "runs", model=model, roi=(32, 32))
+    if model == "unet":
+        values["model.kwargs"] = {"channels": [4, 8, 16], "strides": [2, 2]}
+    assert main(["train", *_args(values)]) == 0
+    run = tmp_path / "runs" / "em" / model / "seed0"
+    result = json.loads((run / "result.json").read_text())
+    assert 0.0 <= result["test_metrics"]["mean_foreground"]["dice"]["mean"] <= 1.0
+    assert len(list((run / "predictions").glob("*_overlay.png"))) == 2
+    assert all(p.stat().st_size > 100 for p in (run / "predictions").glob("[0-9].png"))
+
+
+@pytest.mark.parametrize("name", ["vit_seg", "medvisionllama", "unetr", "unet"])
+def test_segmentation_models_keep_every_class_and_train(name, tiny_llm):
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "num_classes": 3, "img_size": [16, 16, 16]}
+    if name in ("vit_seg", "medvisionllama"):
+        kwargs.update(TINY_SEG)
+    if name == "medvisionllama":
+        kwargs["booster"] = {"block": {"source": tiny_llm}, "lora_rank": 2}
+    if name == "unetr":
+        kwargs.update(dim=32, heads=2, feature_size=4)
+    model = create_model(name, **kwargs)
+    out = model(torch.randn(2, 1, 16, 16, 16))
+    assert out.shape == (2, 3, 16, 16, 16) and torch.isfinite(out).all()
+    out.mean().backward()
+    if name == "medvisionllama":
+        booster = model.booster
+        assert all(not p.requires_grad for p in booster.block.parameters())
+        assert not booster.m1.base.weight.requires_grad and booster.m1.b.weight.grad is not None  # LoRA adapters
+
+
+def test_trap_files_stop_the_run_with_their_names(tmp_path, capsys):
+    if not TRAPS.is_dir():
+        pytest.skip(f"{TRAPS} is absent (shared data folder not mounted)")
+    root = make_task(tmp_path / "Task98_Traps", n=4)
+    shutil.copy(TRAPS / "image_hippocampus_118.nii.gz", root / "imagesTr" / "hippocampus_118.nii.gz")
+    shutil.copy(TRAPS / "label_hippocampus_010.nii.gz", root / "labelsTr" / "hippocampus_010.nii.gz")
+    shutil.copy(TRAPS / "label_hippocampus_281_512x512x94.nii.gz", root / "labelsTr" / "case_001.nii.gz")
+    assert main(["train", *_args(_values(root, tmp_path / "runs"))]) == 2
+    err = capsys.readouterr().err
+    assert "hippocampus_118.nii.gz: image without label" in err
+    assert "hippocampus_010.nii.gz: label without image" in err
+    assert "case_001" in err and "512x512x94" in err
