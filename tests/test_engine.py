@@ -38,17 +38,21 @@ def test_config_errors_name_the_key(tmp_path):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_recipe_loads_and_builds_its_model(recipe):
     cfg = load_config(recipe)
-    info = get_info(cfg.data.dataset)
     booster = cfg.model.kwargs.get("booster")
     if booster and PRESETS.get(booster["block"]["source"]) and not PRESETS[booster["block"]["source"]].local_path():
         pytest.skip(f"{booster['block']['source']} weights are not installed (hub only)")
-    kwargs = dict(
-        spatial_dims=info.spatial_dims,
-        num_classes=info.num_classes,
-        in_channels=3 if cfg.data.as_rgb else info.n_channels,
-    )
-    if cfg.model.name.startswith("vit"):
-        kwargs["img_size"] = cfg.data.resize or cfg.data.size
+    if cfg.task == "segmentation":
+        roi = cfg.data.roi_size
+        kwargs = dict(spatial_dims=len(roi), num_classes=3, in_channels=1, img_size=roi)
+    else:
+        info = get_info(cfg.data.dataset)
+        kwargs = dict(
+            spatial_dims=info.spatial_dims,
+            num_classes=info.num_classes,
+            in_channels=3 if cfg.data.as_rgb else info.n_channels,
+        )
+        if cfg.model.name.startswith("vit"):
+            kwargs["img_size"] = cfg.data.resize or cfg.data.size
     model = create_model(cfg.model.name, **{**kwargs, **cfg.model.kwargs})
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 

@@ -1,0 +1,199 @@
+"""Does a frozen LLM block (with hybrid attention and multi-scale fusion) boost ViT segmentation? Same recipe,
+budget, split and seeds for every arm.
+
+    python benchmarks/segmentation_boost.py             # full: Hippocampus + ISBI 2012, 8 arms x 3 seeds
+    python benchmarks/segmentation_boost.py --quick     # smoke-sized (< 15 min)
+
+Arms: ViT-seg without block; + pre-trained SmolLM2 last layer; + random frozen block; + MLP-only control; ViT-seg
+with hybrid attention and multi-scale fusion but no block; the full MedVisionLlama (block + hybrid + fusion); MONAI
+UNETR; MONAI UNet. The subject splits are fixed and committed (benchmarks/splits/*.json). Selection on validation Dice
+(mean over foreground classes), test on every test case by sliding windows. Prints mean +- std Dice per class and
+HD95, parameters, seconds per epoch and each arm's epoch-time ratio to the no-block ViT measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from medboost.engine.config import ModelConfig, OptimConfig, RunConfig, SegmentationDataConfig, TrainerConfig
+from medboost.engine.records import environment, write_json
+from medboost.pipelines.segmentation import train_segmenter
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+DATASETS = {
+    "hippocampus": dict(
+        root=SHARED / "msd" / "Task04_Hippocampus", roi=[32, 48, 32], split="hippocampus.json", batch_size=4
+    ),
+    "isbi2012": dict(root=SHARED / "em" / "isbi2012", roi=[128, 128], split="isbi2012.json", batch_size=4),
+}
+# Published nnU-Net level on Hippocampus (mean Dice over anterior and posterior), for reference.
+NNUNET_HIPPOCAMPUS_DICE = 0.89
+VIT = dict(patch_size=8, dim=192, depth=6, heads=3, feature_size=16)
+
+
+def arms() -> dict[str, ModelConfig]:
+    def seg(name: str, booster: dict | None = None, **extra) -> ModelConfig:
+        kwargs = dict(VIT, **extra)
+        if booster is not None:
+            kwargs["booster"] = booster
+        return ModelConfig(name, kwargs)
+
+    block = {"block": {"source": "smollm2-135m"}}
+    return {
+        "vit-seg": seg("vit_seg"),
+        "vit-seg+smollm2": seg("vit_seg", block),
+        "vit-seg+random-block": seg("vit_seg", {"block": {"source": "smollm2-135m", "init": "random"}}),
+        "vit-seg+mlp-only": seg("vit_seg", {"block": {"source": "smollm2-135m", "init": "none"}}),
+        "vit-seg+hybrid+fusion": seg("vit_seg", hybrid=True, fusion=True),
+        "medvisionllama": seg("medvisionllama", block),
+        "unetr": ModelConfig("unetr", {"dim": VIT["dim"], "heads": VIT["heads"], "feature_size": 16}),
+        "unet": ModelConfig("unet", {}),
+    }
+
+
+def recipe(dataset: str, model: ModelConfig, arm: str, seed: int, epochs: int, out: Path) -> RunConfig:
+    d = DATASETS[dataset]
+    data = SegmentationDataConfig(
+        root=str(d["root"]),
+        roi_size=d["roi"],
+        split=str(REPO / "benchmarks" / "splits" / d["split"]),
+        batch_size=d["batch_size"],
+        write_predictions=False,
+    )
+    return RunConfig(
+        task="segmentation",
+        data=data,
+        model=model,
+        optim=OptimConfig(
+            name="adamw", lr=5e-4, weight_decay=0.01, schedule="cosine", warmup_epochs=max(1, epochs // 10)
+        ),
+        trainer=TrainerConfig(max_epochs=epochs, progress=False),
+        seed=seed,
+        output_dir=str(out),
+        name=f"{dataset}/{arm}/seed{seed}",
+    )
+
+
+def run_one(cfg: RunConfig) -> dict:
+    done = cfg.run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    return train_segmenter(cfg)
+
+
+def mean_std(values: list[float]) -> list[float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return [float("nan"), float("nan")]
+    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+
+def arm_summary(results: list[dict]) -> dict:
+    per_class = {}
+    for name in results[0]["test_metrics"]["per_class"]:
+        per_class[name] = {
+            m: mean_std([r["test_metrics"]["per_class"][name][m]["mean"] for r in results]) for m in ("dice", "hd95")
+        }
+    return {
+        "dice": mean_std([r["test_metrics"]["mean_foreground"]["dice"]["mean"] for r in results]),
+        "hd95": mean_std([r["test_metrics"]["mean_foreground"]["hd95"]["mean"] for r in results]),
+        "per_class": per_class,
+        "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in results),
+        "parameters": results[0]["model"]["parameters"],
+        "trainable_parameters": results[0]["model"]["trainable_parameters"],
+        "per_seed": [
+            {
+                "seed": r["config"]["seed"],
+                "best_epoch": r["best_epoch"],
+                "val_dice": r["best_val"],
+                "test_dice": r["test_metrics"]["mean_foreground"]["dice"]["mean"],
+            }
+            for r in results
+        ],
+        "split_md5": results[0]["data"].get("split_md5"),
+        "config": results[0]["config"],
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"`{report['command']}`",
+        "",
+        f"{report['date']} · torch {report['environment']['versions']['torch']} · wall time "
+        f"{report['wall_seconds'] / 60:.1f} min",
+        "",
+        "Test split (every test case, sliding windows) at the checkpoint selected on validation Dice; mean ± std "
+        "over seeds; HD95 in mm (voxels for 2D). Epoch-time ratio relative to the no-block ViT, same run.",
+        "",
+    ]
+    for dataset, entry in report["datasets"].items():
+        arms_ = entry["arms"]
+        base = arms_.get("vit-seg")
+        classes = list(next(iter(arms_.values()))["per_class"]) if arms_ else []
+        head = "| arm | mean Dice | " + " | ".join(f"Dice {c}" for c in classes) + " | HD95 | params | trainable | "
+        head += "s/epoch | epoch-time ratio |"
+        lines += [f"### {dataset} ({entry['epochs']} epochs)", "", head, "|" + "---|" * (7 + len(classes))]
+        for arm, a in arms_.items():
+            ratio = a["seconds_per_epoch"] / base["seconds_per_epoch"] if base else float("nan")
+            cells = " | ".join(
+                f"{a['per_class'][c]['dice'][0]:.3f} ± {a['per_class'][c]['dice'][1]:.3f}" for c in classes
+            )
+            lines.append(
+                f"| {arm} | {a['dice'][0]:.3f} ± {a['dice'][1]:.3f} | {cells} | {a['hd95'][0]:.2f} ± "
+                f"{a['hd95'][1]:.2f} | {a['parameters'] / 1e6:.2f} M | {a['trainable_parameters'] / 1e6:.2f} M"
+                f" | {a['seconds_per_epoch']:.1f} | {ratio:.2f} |"
+            )
+        if dataset == "hippocampus":
+            lines.append(f"| nnU-Net (published level) | ~{NNUNET_HIPPOCAMPUS_DICE} | | | | | | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, Hippocampus only, 2 epochs")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--arms", nargs="+", default=None)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench-seg"))
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    epochs_for = {"hippocampus": 30, "isbi2012": 40}
+    if args.quick:
+        args.seeds, args.datasets, epochs_for = args.seeds[:1], ["hippocampus"], {"hippocampus": 2}
+    tag = "segmentation_boost_quick" if args.quick else "segmentation_boost"
+    started = time.perf_counter()
+    report = {
+        "command": "python " + " ".join(["benchmarks/segmentation_boost.py", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "datasets": {},
+    }
+    for dataset in args.datasets:
+        epochs = args.epochs or epochs_for[dataset]
+        entry = report["datasets"].setdefault(dataset, {"epochs": epochs, "arms": {}})
+        for arm, model in arms().items():
+            if args.arms and arm not in args.arms:
+                continue
+            results = []
+            for seed in args.seeds:
+                print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {arm} seed {seed}", flush=True)
+                results.append(run_one(recipe(dataset, model, arm, seed, epochs, Path(args.runs_dir))))
+            entry["arms"][arm] = arm_summary(results)
+            report["wall_seconds"] = time.perf_counter() - started
+            write_json(Path(args.results) / f"{tag}.json", report)
+            (Path(args.results) / f"{tag}.md").write_text(markdown(report))
+    print((Path(args.results) / f"{tag}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
