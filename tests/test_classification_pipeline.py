@@ -168,3 +168,18 @@ def test_bad_inputs_exit_non_zero_with_one_message(tmp_path, capsys):
     write_npz(data, "breastmnist")
     assert main(["train", *_args(_overrides(data, tmp_path / "runs", **{"model.name": "vit_huge"}))]) == 2
     assert "unknown model 'vit_huge'" in capsys.readouterr().err
+
+
+def test_bf16_mixed_precision_with_ema_and_early_stopping(tmp_path):
+    data = tmp_path / "data"
+    write_npz(data, "organmnist3d")
+    values = _overrides(
+        data,
+        tmp_path / "runs",
+        "organmnist3d",
+        epochs=3,
+        **{"trainer.precision": "bf16-mixed", "trainer.ema_decay": 0.9, "trainer.patience": 1, "loss.cutmix": 1.0},
+    )
+    values["model.kwargs"] = dict(TINY_VIT, patch_size=14)
+    result = train_classifier(load_config(None, values), make_plots=False)
+    assert 0.0 <= result["test"]["test_auc"] <= 1.0 and len(result["history"]) >= 2

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train the ViT with and without a frozen LLM block and compare on test")
     demo.add_argument("--dataset", default="breastmnist")
-    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--epochs", type=int, default=20)
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--data-dir", default=None, help="folder holding the MedMNIST .npz (default: search path)")
     demo.add_argument("--seed", type=int, default=0)
