@@ -42,7 +42,7 @@ def demo_configs(
 
 def run_demo(
     dataset: str = "breastmnist",
-    epochs: int = 30,
+    epochs: int = 20,
     output_dir: str = "runs/demo",
     data_dir: str | None = None,
     seed: int = 0,
