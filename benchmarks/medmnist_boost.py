@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every dataset (default per dataset)")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench"))
+    # Outside the work tree, so that a long run interrupted here can be completed by a later session on this machine.
+    parser.add_argument("--runs-dir", default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "medmnist"))
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     # Sized so that the full run (3 datasets x 6 arms x 3 seeds) fits 3 hours on 2 CPU cores (~68, ~136 and ~146 s

@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "bench-seg"))
+    # Outside the work tree, so that a long run interrupted here can be completed by a later session on this machine.
+    parser.add_argument("--runs-dir", default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "segmentation"))
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     # Sized so that the full run (2 datasets x 8 arms x 3 seeds = 48 runs) fits 3 hours on 2 CPU cores: about 40 s

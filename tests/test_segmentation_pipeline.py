@@ -101,9 +101,10 @@ def test_cli_segmentation_2d(tmp_path, model):
     assert all(p.stat().st_size > 100 for p in (run / "predictions").glob("[0-9].png"))
 
 
+@pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("name", ["vit_seg", "medvisionllama", "unetr", "unet"])
-def test_segmentation_models_keep_every_class_and_train(name, tiny_llm):
-    kwargs = {"spatial_dims": 3, "in_channels": 1, "num_classes": 3, "img_size": [16, 16, 16]}
+def test_segmentation_models_keep_every_class_and_train(name, dims, tiny_llm):
+    kwargs = {"spatial_dims": dims, "in_channels": 1, "num_classes": 3, "img_size": [16] * dims}
     if name in ("vit_seg", "medvisionllama"):
         kwargs.update(TINY_SEG)
     if name == "medvisionllama":
@@ -111,8 +112,8 @@ def test_segmentation_models_keep_every_class_and_train(name, tiny_llm):
     if name == "unetr":
         kwargs.update(dim=32, heads=2, feature_size=4)
     model = create_model(name, **kwargs)
-    out = model(torch.randn(2, 1, 16, 16, 16))
-    assert out.shape == (2, 3, 16, 16, 16) and torch.isfinite(out).all()
+    out = model(torch.randn(2, 1, *[16] * dims))
+    assert out.shape == (2, 3, *[16] * dims) and torch.isfinite(out).all()
     out.mean().backward()
     if name == "medvisionllama":
         booster = model.booster
