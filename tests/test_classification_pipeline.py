@@ -172,11 +172,11 @@ def test_bad_inputs_exit_non_zero_with_one_message(tmp_path, capsys):
 
 def test_bf16_mixed_precision_with_ema_and_early_stopping(tmp_path):
     data = tmp_path / "data"
-    write_npz(data, "organmnist3d")
+    write_npz(data, "nodulemnist3d")
     values = _overrides(
         data,
         tmp_path / "runs",
-        "organmnist3d",
+        "nodulemnist3d",
         epochs=3,
         **{"trainer.precision": "bf16-mixed", "trainer.ema_decay": 0.9, "trainer.patience": 1, "loss.cutmix": 1.0},
     )
