@@ -11,8 +11,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from synthetic_data import write_npz
-from tiny_models import tiny_config
-from transformers import AutoModelForCausalLM
 
 from medboost.cli import main
 from medboost.engine.config import load_config
@@ -20,14 +18,6 @@ from medboost.models import load_pretrained
 from medboost.pipelines.classification import train_classifier
 
 TINY_VIT = {"patch_size": 7, "dim": 32, "depth": 2, "heads": 2, "drop_path": 0.0}
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(folder)
-    return str(folder)
 
 
 def _overrides(data_dir, out, dataset="breastmnist", model="vit_tiny", epochs=1, **extra):

@@ -11,22 +11,12 @@ import numpy as np
 import pytest
 import torch
 from synthetic_data import make_2d, write_case
-from tiny_models import tiny_config
-from transformers import AutoModelForCausalLM
 
 from medboost.cli import main
 from medboost.models import create_model, load_pretrained
 
 TRAPS = Path(__file__).parents[1].parent / "shared" / "data" / "msd" / "Task04_Hippocampus_traps"
 TINY_SEG = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "feature_size": 4}
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(folder)
-    return str(folder)
 
 
 def make_task(root: Path, n: int = 8) -> Path:

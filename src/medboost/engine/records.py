@@ -75,3 +75,15 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"parameters": total, "trainable_parameters": trainable}
+
+
+def run_record(cfg, data: dict, model: torch.nn.Module, outcome: dict) -> dict:
+    """The fields every task's ``result.json`` starts with: config, data (with MD5), model size, environment, and
+    what the engine measured."""
+    return {
+        "config": cfg.to_dict(),
+        "data": data,
+        "model": {"name": cfg.model.name, **count_parameters(model)},
+        "environment": environment(),
+        **outcome,
+    }

@@ -143,8 +143,11 @@ def _epoch_from_path(path: str | None) -> int | None:
         return None
 
 
-def set_threads() -> None:
-    """Use every core for intra-op work (PyTorch may default lower inside containers)."""
+def start_run(cfg: RunConfig) -> float:
+    """Use every core for intra-op work (PyTorch may default lower inside containers) and seed every RNG (model
+    initialisation draws from them before the first epoch). Returns the start time."""
     import os
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return time.perf_counter()

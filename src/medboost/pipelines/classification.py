@@ -6,13 +6,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-
 from medboost.data import transforms as T
 from medboost.data.medmnist import MedMNISTDataModule
 from medboost.engine.config import RunConfig
-from medboost.engine.records import count_parameters, environment, write_json
-from medboost.engine.trainer import fit_and_test, set_threads
+from medboost.engine.records import run_record, write_json
+from medboost.engine.trainer import fit_and_test, start_run
 from medboost.metrics.classification import classification_report
 from medboost.models import create_model, save_pretrained
 from medboost.report import plots
@@ -64,10 +62,7 @@ def input_spec(cfg: RunConfig, dm: MedMNISTDataModule) -> dict[str, Any]:
 def train_classifier(cfg: RunConfig, resume: bool = True, make_plots: bool = True, callbacks=()) -> dict[str, Any]:
     """Train ``cfg`` and write ``result.json``, ``model/`` (loadable with ``load_pretrained``) and plots to the run
     folder. Returns the result record."""
-    set_threads()
-    started = time.perf_counter()
-    # Model initialisation (and anything else before the first epoch) draws from the global RNGs: seed them all.
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    started = start_run(cfg)
     dm = build_datamodule(cfg)
     dm.setup()
     model = build_model(cfg, dm)
@@ -85,11 +80,7 @@ def train_classifier(cfg: RunConfig, resume: bool = True, make_plots: bool = Tru
     trainer = outcome.pop("trainer")
     run_dir = cfg.run_dir
     result: dict[str, Any] = {
-        "config": cfg.to_dict(),
-        "data": dm.record(),
-        "model": {"name": cfg.model.name, **count_parameters(model)},
-        "environment": environment(),
-        **outcome,
+        **run_record(cfg, dm.record(), model, outcome),
         "history": task.history,
     }
     if trainer.is_global_zero and hasattr(task, "test_outputs"):

@@ -7,14 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 
 from medboost.data.segmentation import SegmentationDataModule
 from medboost.engine.config import RunConfig
-from medboost.engine.records import count_parameters, environment, write_json
-from medboost.engine.trainer import fit_and_test, set_threads
+from medboost.engine.records import run_record, write_json
+from medboost.engine.trainer import fit_and_test, start_run
 from medboost.models import create_model, save_pretrained
 from medboost.report.segmentation_io import overlay_png, write_nifti_like, write_png_mask
 from medboost.tasks.segmentation import SegmentationTask
@@ -83,9 +82,7 @@ def prediction_writer(dm: SegmentationDataModule, folder: Path, names: list[str]
 
 def train_segmenter(cfg: RunConfig, resume: bool = True, callbacks=()) -> dict[str, Any]:
     """Train ``cfg`` (task: segmentation); write ``result.json``, ``model/``, ``predictions/`` to the run folder."""
-    set_threads()
-    started = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    started = start_run(cfg)
     dm = build_datamodule(cfg)
     dm.setup()
     model = build_model(cfg, dm)
@@ -106,11 +103,7 @@ def train_segmenter(cfg: RunConfig, resume: bool = True, callbacks=()) -> dict[s
     outcome = fit_and_test(cfg, task, dm, monitor="val_dice", mode="max", resume=resume, callbacks=list(callbacks))
     trainer = outcome.pop("trainer")
     result: dict[str, Any] = {
-        "config": cfg.to_dict(),
-        "data": dm.record(),
-        "model": {"name": cfg.model.name, **count_parameters(model)},
-        "environment": environment(),
-        **outcome,
+        **run_record(cfg, dm.record(), model, outcome),
         "test_metrics": task.test_metrics,
         "history": task.history,
     }

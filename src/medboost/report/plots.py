@@ -14,7 +14,8 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (making folders) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -45,7 +46,7 @@ def training_curves(
         ax.plot(epochs, [series[k][e] for e in epochs], marker=".")
         ax.set_title(k)
         ax.set_xlabel("epoch")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def roc_curves(labels: np.ndarray, scores: np.ndarray, task: str, names: Sequence[str], path: str | Path) -> Path:
@@ -70,7 +71,7 @@ def roc_curves(labels: np.ndarray, scores: np.ndarray, task: str, names: Sequenc
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrix_plot(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str | Path) -> Path:
@@ -84,7 +85,7 @@ def confusion_matrix_plot(matrix: Sequence[Sequence[int]], names: Sequence[str],
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             ax.text(j, i, str(m[i, j]), ha="center", va="center", color="black" if m[i, j] < m.max() / 2 else "white")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, path: str | Path, title: str = "") -> Path:
@@ -98,4 +99,4 @@ def overlay(image: np.ndarray, heat: np.ndarray, path: str | Path, title: str = 
     axes[1].imshow(heat, cmap="jet", alpha=0.45, extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
     if title:
         fig.suptitle(title, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

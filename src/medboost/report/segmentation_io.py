@@ -22,6 +22,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from medboost.errors import DataError  # noqa: E402
+from medboost.report.plots import save_figure  # noqa: E402
 
 __all__ = ["class_colour", "overlay_png", "write_nifti_like", "write_png_mask"]
 
@@ -123,19 +124,10 @@ def overlay_png(
     _legend(axes[-1], present, class_names)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def _as_array(x: Any, what: str) -> np.ndarray:
