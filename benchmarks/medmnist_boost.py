@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from medboost.engine.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, TrainerConfig
+from medboost.engine.config import ModelConfig, RunConfig
 from medboost.engine.records import environment, write_json
 from medboost.pipelines.classification import build_datamodule, build_model, train_classifier
+from medboost.pipelines.demo import cpu_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "medmnist"
@@ -56,19 +57,8 @@ def arms(spatial_dims: int) -> dict[str, ModelConfig]:
 
 
 def recipe(dataset: str, model: ModelConfig, arm: str, seed: int, epochs: int, data_dir: str, out: Path) -> RunConfig:
-    """The one recipe every arm shares: AdamW, warm-up + cosine, label smoothing, light augmentation."""
-    return RunConfig(
-        data=DataConfig(dataset=dataset, data_dir=data_dir, batch_size=64, augment=True),
-        model=model,
-        optim=OptimConfig(
-            name="adamw", lr=5e-4, weight_decay=0.05, schedule="cosine", warmup_epochs=max(1, epochs // 10)
-        ),
-        loss=LossConfig(label_smoothing=0.1),
-        trainer=TrainerConfig(max_epochs=epochs, progress=False),
-        seed=seed,
-        output_dir=str(out),
-        name=f"{dataset}/{arm}/seed{seed}",
-    )
+    """The one recipe every arm shares (the demo's)."""
+    return cpu_recipe(dataset, model, f"{dataset}/{arm}/seed{seed}", seed, epochs, str(out), data_dir, progress=False)
 
 
 def count_flops(cfg: RunConfig, batch: int = 8) -> int:

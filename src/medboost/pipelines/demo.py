@@ -15,6 +15,33 @@ from medboost.pipelines.classification import train_classifier
 DEMO_VIT = dict(patch_size=4, dim=192, depth=4, heads=3, drop_path=0.1)
 
 
+def cpu_recipe(
+    dataset: str,
+    model: ModelConfig,
+    name: str,
+    seed: int,
+    epochs: int,
+    output_dir: str,
+    data_dir: str | None = None,
+    download: bool = False,
+    progress: bool = True,
+) -> RunConfig:
+    """The CPU-sized R-LLM recipe the demo and ``benchmarks/medmnist_boost.py`` share for every arm: AdamW 5e-4,
+    wd 0.05, warm-up + cosine, label smoothing 0.1, light augmentation, batch 64."""
+    return RunConfig(
+        data=DataConfig(dataset=dataset, data_dir=data_dir, download=download, batch_size=64, augment=True),
+        model=model,
+        optim=OptimConfig(
+            name="adamw", lr=5e-4, weight_decay=0.05, schedule="cosine", warmup_epochs=max(1, epochs // 10)
+        ),
+        loss=LossConfig(label_smoothing=0.1),
+        trainer=TrainerConfig(max_epochs=epochs, progress=progress),
+        seed=seed,
+        output_dir=output_dir,
+        name=name,
+    )
+
+
 def demo_configs(
     dataset: str, epochs: int, output_dir: str, data_dir: str | None, seed: int, block: str, download: bool = True
 ) -> dict[str, RunConfig]:
@@ -23,21 +50,19 @@ def demo_configs(
         "vit": ModelConfig("vit_tiny", dict(DEMO_VIT)),
         "vit+llm": ModelConfig("vit_tiny_llm", dict(DEMO_VIT, booster={"block": {"source": block, "layer": -1}})),
     }
-    configs = {}
-    for arm, model in arms.items():
-        configs[arm] = RunConfig(
-            data=DataConfig(dataset=dataset, data_dir=data_dir, download=download, batch_size=64, augment=True),
-            model=model,
-            optim=OptimConfig(
-                name="adamw", lr=5e-4, weight_decay=0.05, schedule="cosine", warmup_epochs=max(1, epochs // 10)
-            ),
-            loss=LossConfig(label_smoothing=0.1),
-            trainer=TrainerConfig(max_epochs=epochs, progress=True),
-            seed=seed,
-            output_dir=output_dir,
-            name=f"{dataset}/{arm.replace('+', '_')}/seed{seed}",
+    return {
+        arm: cpu_recipe(
+            dataset,
+            model,
+            f"{dataset}/{arm.replace('+', '_')}/seed{seed}",
+            seed,
+            epochs,
+            output_dir,
+            data_dir,
+            download,
         )
-    return configs
+        for arm, model in arms.items()
+    }
 
 
 def run_demo(
