@@ -32,7 +32,7 @@ from medboost.models.vit import ViT, as_tuple
 class MultiScaleFusion(nn.Module):
     """Fuse token maps from several encoder depths: per-depth projection, softmax depth weights, SE gating."""
 
-    def __init__(self, dim: int, n_inputs: int, spatial_dims: int, reduction: int = 4):
+    def __init__(self, dim: int, n_inputs: int, reduction: int = 4):
         super().__init__()
         self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_inputs))
         self.depth_logits = nn.Parameter(torch.zeros(n_inputs))
@@ -106,7 +106,7 @@ class ViTSegmenter(nn.Module):
         )
         # Skip depths evenly spaced before the last block, deepest last (UNETR: blocks 3, 6, 9 of 12).
         self.skip_depths = [round(depth * (k + 1) / stages) - 1 for k in range(stages - 1)]
-        self.fusion = MultiScaleFusion(dim, len(self.skip_depths) + 1, spatial_dims) if fusion else None
+        self.fusion = MultiScaleFusion(dim, len(self.skip_depths) + 1) if fusion else None
         f = feature_size
         norm = "instance"
         self.stem = UnetrBasicBlock(spatial_dims, in_channels, f, 3, 1, norm, res_block=True)

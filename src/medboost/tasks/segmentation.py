@@ -54,7 +54,7 @@ class SegmentationTask(TaskModule):
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
         self.history: list[dict] = []
         self.test_metrics: dict | None = None
-        self._rows: dict[str, list[dict]] = {}
+        self._test_rows: list[dict] = []  # per (volume, class) metric rows of this process
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
@@ -71,17 +71,6 @@ class SegmentationTask(TaskModule):
         )
         return logits.argmax(dim=1)
 
-    def _evaluate(self, batch, stage: str) -> None:
-        x, y, index = batch
-        pred = self.predict_labels(x)
-        metrics = SegmentationMetrics(**self._metric_config())
-        # Volume ids are dataset indices, so padded duplicates from a distributed sampler can be recognised.
-        metrics.update(pred, y, ids=index.tolist())
-        self._rows.setdefault(stage, []).extend(metrics.per_volume_rows())
-        if stage == "test" and self.on_prediction is not None:
-            for b, i in enumerate(index.tolist()):
-                self.on_prediction("test", i, x[b].cpu(), y[b].cpu(), pred[b].cpu())
-
     def validation_step(self, batch, batch_idx):
         # Model selection needs Dice only; surface distances (HD95, NSD) cost more than the forward pass on a CPU, so
         # they are computed at test time only.
@@ -92,13 +81,21 @@ class SegmentationTask(TaskModule):
         self.collect("val", dice.float(), index)
 
     def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test")
+        x, y, index = batch
+        pred = self.predict_labels(x)
+        metrics = SegmentationMetrics(**self._metric_config())
+        # Volume ids are dataset indices, so padded duplicates from a distributed sampler can be recognised.
+        metrics.update(pred, y, ids=index.tolist())
+        self._test_rows.extend(metrics.per_volume_rows())
+        if self.on_prediction is not None:
+            for b, i in enumerate(index.tolist()):
+                self.on_prediction("test", i, x[b].cpu(), y[b].cpu(), pred[b].cpu())
 
     def _metric_config(self) -> dict:
         return {"num_classes": self.num_classes, "spacing": self.spacing, "class_names": self.class_names}
 
-    def _aggregate(self, stage: str) -> dict:
-        rows = self._rows.pop(stage, [])
+    def _aggregate_test(self) -> dict:
+        rows, self._test_rows = self._test_rows, []
         if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             gathered: list[list[dict]] = [None] * self.trainer.world_size  # type: ignore[list-item]
             dist.all_gather_object(gathered, rows)
@@ -120,7 +117,7 @@ class SegmentationTask(TaskModule):
         self.history.append(entry)
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = self._aggregate("test")
+        self.test_metrics = self._aggregate_test()
         for name, value in foreground_means(self.test_metrics).items():
             if value is not None:
                 self.log(f"test_{name}", value)
