@@ -75,7 +75,11 @@ def count_flops(cfg: RunConfig, batch: int = 8) -> int:
 def run_one(cfg: RunConfig) -> dict:
     done = cfg.run_dir / "result.json"
     if done.is_file():  # finished earlier: reuse (interrupted runs resume from their last checkpoint instead)
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        changed = cfg.differences(result["config"])
+        if changed:
+            raise SystemExit(f"{done}: made with a different config ({', '.join(changed)}); use another --runs-dir")
+        return result
     return train_classifier(cfg, make_plots=False)
 
 
@@ -95,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "medmnist"))
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    # Sized so that the full run (3 datasets x 6 arms x 3 seeds) fits 3 hours on 2 CPU cores (~68, ~136 and ~146 s
+    # Sized so that the full run (3 datasets x 6 arms x 3 seeds) fits 3 hours on 2 CPU cores (~61, ~136 and ~146 s
     # per epoch of all six arms, measured): a small budget, the same for every arm.
-    default_epochs = {"breastmnist": 15, "retinamnist": 8, "adrenalmnist3d": 8}
+    default_epochs = {"breastmnist": 10, "retinamnist": 8, "adrenalmnist3d": 8}
     if args.quick:
         args.seeds, default_epochs = args.seeds[:1], {d: 3 for d in default_epochs}
         args.datasets = [d for d in args.datasets if d != "retinamnist"]

@@ -111,6 +111,23 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_run_folder_is_never_resumed_under_another_config(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_npz(data, "breastmnist")
+    values = _overrides(data, tmp_path / "runs", epochs=1)
+    cfg = load_config(None, values)
+    train_classifier(cfg, make_plots=False, callbacks=[StopAfterFirstEpoch()])
+    stored = json.loads((cfg.run_dir / "run_config.json").read_text())
+    assert stored["trainer"]["max_epochs"] == 1
+    # A longer run in the same folder would otherwise continue the 1-epoch run's cosine schedule from its checkpoint.
+    assert main(["train", *_args({**values, "trainer.max_epochs": 3, "optim.lr": 0.01})]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg.run_dir) in err and "optim.lr" in err and "trainer.max_epochs" in err
+    # Cosmetic settings do not count: the same run with progress bars on resumes.
+    again = load_config(None, {**values, "trainer.progress": True})
+    assert train_classifier(again, make_plots=False)["resumed_from"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

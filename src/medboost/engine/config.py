@@ -119,6 +119,11 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def differences(self, stored: dict) -> list[str]:
+        """Keys (``section.key``) whose value in a stored config dict differs from this config. Settings that do not
+        change what is trained (progress bars, download permission) are ignored."""
+        return [key for key, (a, b) in _flat_diff(self.to_dict(), stored).items() if key not in _COSMETIC]
+
     def __post_init__(self):
         if self.task in DATA_CONFIGS and not isinstance(self.data, DATA_CONFIGS[self.task]):
             self.data = DATA_CONFIGS[self.task]()  # defaults of the task's own data section
@@ -134,6 +139,24 @@ class RunConfig:
 
 
 DATA_CONFIGS = {"classification": DataConfig, "segmentation": SegmentationDataConfig}
+
+_COSMETIC = {"trainer.progress", "data.download", "data.num_workers", "trainer.log_every_n_steps"}
+
+
+def _flat_diff(new: dict, old: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(new) | set(old)):
+        a, b, name = new.get(key), old.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_flat_diff(a, b, name + "."))
+        elif _normalise(a) != _normalise(b):
+            out[name] = (a, b)
+    return out
+
+
+def _normalise(value: Any) -> Any:
+    """Tuples and lists compare equal (a config read back from JSON has lists)."""
+    return [_normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _is_dataclass_type(tp) -> bool:

@@ -7,6 +7,7 @@ checkpoint, and returns what it measured.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from medboost.engine.config import RunConfig
+from medboost.engine.records import write_json
+from medboost.errors import ConfigError
 
 
 class EpochTimer(Callback):
@@ -110,6 +113,7 @@ def fit_and_test(
     uninterrupted run).
     """
     run_dir = cfg.run_dir
+    guard_run_dir(cfg)
     timer = EpochTimer()
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor, mode, [timer, *callbacks])
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -131,6 +135,25 @@ def fit_and_test(
         "fit_seconds": fit_seconds,
         **timer.summary(),
     }
+
+
+def guard_run_dir(cfg: RunConfig) -> None:
+    """Record the config a run folder was started with, and refuse to resume (or reuse) that folder under a different
+    one: a checkpoint trained for 10 epochs must never be silently continued or reported as a 15-epoch run."""
+    stored_path = cfg.run_dir / "run_config.json"
+    if stored_path.is_file():
+        try:
+            stored = json.loads(stored_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{stored_path}: unreadable run config ({exc}); delete the folder to start over") from exc
+        changed = cfg.differences(stored)
+        if changed:
+            raise ConfigError(
+                f"{cfg.run_dir}: this run folder was started with a different config ({', '.join(changed)} differ); "
+                "choose another --output_dir or name, or delete the folder to start over"
+            )
+    else:
+        write_json(stored_path, cfg.to_dict())
 
 
 def _epoch_from_path(path: str | None) -> int | None:
