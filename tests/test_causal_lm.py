@@ -29,6 +29,19 @@ def test_whole_model_equals_transformers_from_pretrained(tmp_path, model_type, t
         assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_bf16_load_equals_transformers_bf16_load_exactly(tmp_path, model_type):
+    # The rotary frequencies must stay float32 (as transformers keeps them); rounding them to bf16 shifts the logits.
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(model_type)).save_pretrained(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = load_causal_lm(str(tmp_path), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
 def test_encoder_checkpoints_are_refused(tmp_path):
     from transformers import AutoModel
 

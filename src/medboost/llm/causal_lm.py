@@ -40,7 +40,9 @@ def load_causal_lm(
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config)
         names = reader.tensor_names()
-        state = reader.read(names)
+        # Cast the weights, not the model: buffers the constructors computed (rotary frequencies, Gemma's embedding
+        # scale) stay float32 as in transformers' own bf16 load; `model.to(bf16)` would round them.
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in reader.read(names).items()}
         tied = bool(getattr(config, "tie_word_embeddings", False))
         if "lm_head.weight" not in state and tied:
             state["lm_head.weight"] = state[_embedding_name(state, reader.source)]
@@ -50,7 +52,6 @@ def load_causal_lm(
             raise BlockLoadError(f"{reader.source}: the checkpoint does not fit {type(model).__name__}: {err}") from err
         if tied:
             model.tie_weights()
-    model.to(dtype)
     return freeze(model) if frozen else model
 
 
