@@ -35,26 +35,32 @@ HIPPOCAMPUS_CASES = 48
 DEVICE = "cuda"  # "cpu" only to smoke-test this script where there is no GPU (--accelerator cpu)
 
 
-def prepare(dest: Path, source: str = "smollm2-135m") -> None:
+def prepare(dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for preset in ("smollm2-135m", "gemma3-270m"):
+        export_last_layer(preset, dest / f"{preset.split('-')[0]}-last-layer")
+    (dest / "medmnist").mkdir(exist_ok=True)
+    for name in ("breastmnist", "retinamnist"):
+        shutil.copy2(SHARED / "medmnist" / f"{name}.npz", dest / "medmnist" / f"{name}.npz")
+    _copy_hippocampus(SHARED / "msd" / "Task04_Hippocampus", dest / "Task04_Hippocampus", HIPPOCAMPUS_CASES)
+
+
+def export_last_layer(source: str, folder: Path) -> None:
+    """The last layer of ``source`` as a one-layer Hugging Face folder (config.json + model.safetensors)."""
     from safetensors.torch import save_file
 
     from medboost.llm.architectures import text_config
     from medboost.llm.load import open_reader, read_layer
 
-    dest.mkdir(parents=True, exist_ok=True)
-    block_dir = dest / "smollm2-last-layer"
-    block_dir.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     with open_reader(source) as reader:
         loaded = read_layer(reader, -1)
         config = text_config(reader.config)
     prefix = f"model.layers.{loaded.index}."
     tensors = {prefix + k: v.contiguous() for k, v in loaded.layer.state_dict().items()}
-    save_file(tensors, block_dir / "model.safetensors")
-    config.save_pretrained(block_dir)
-    (dest / "medmnist").mkdir(exist_ok=True)
-    shutil.copy2(SHARED / "medmnist" / "breastmnist.npz", dest / "medmnist" / "breastmnist.npz")
-    _copy_hippocampus(SHARED / "msd" / "Task04_Hippocampus", dest / "Task04_Hippocampus", HIPPOCAMPUS_CASES)
-    print(f"wrote {dest}: layer {loaded.index} of {source} ({sum(v.numel() for v in tensors.values()):,} parameters)")
+    save_file(tensors, folder / "model.safetensors")
+    config.save_pretrained(folder)
+    print(f"wrote {folder}: layer {loaded.index} of {source} ({sum(v.numel() for v in tensors.values()):,} parameters)")
 
 
 def _copy_hippocampus(src: Path, dst: Path, n: int) -> None:
@@ -84,7 +90,7 @@ def check_block(block_dir: Path) -> dict:
             "relative_error_vs_cpu_fp32": (err.norm() / ref.norm()).item(),
             "input_grad_finite": bool(torch.isfinite(xc.grad).all()),
             "block_params_with_grad": sum(p.grad is not None for p in block.parameters()),
-            "block_in_eval_mode_after_train()": not block.train().training,
+            "layer_in_eval_mode_after_train()": not block.train().layer.training,
         }
     return out
 

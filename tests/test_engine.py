@@ -10,6 +10,8 @@ import torch
 from medboost.data.medmnist_info import get_info
 from medboost.engine.config import OptimConfig, load_config, parse_overrides
 from medboost.engine.optim import build_optimizer, lr_factor
+from medboost.engine.records import write_json
+from medboost.engine.trainer import finished_result
 from medboost.errors import ConfigError
 from medboost.llm import PRESETS
 from medboost.models import create_model
@@ -55,6 +57,38 @@ def test_every_recipe_loads_and_builds_its_model(recipe):
             kwargs["img_size"] = cfg.data.resize or cfg.data.size
     model = create_model(cfg.model.name, **{**kwargs, **cfg.model.kwargs})
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+def test_config_differences_and_finished_run_reuse(tmp_path):
+    cfg = load_config(None, {"output_dir": str(tmp_path), "trainer.max_epochs": 10, "model.kwargs": {"dim": 64}})
+    assert finished_result(cfg) is None
+    stored = cfg.to_dict()
+    write_json(cfg.run_dir / "result.json", {"config": stored, "test": {"test_auc": 0.9}})
+    assert finished_result(cfg)["test"] == {"test_auc": 0.9}
+    # Cosmetic settings do not count; anything that changes training does, nested model kwargs included.
+    assert (
+        load_config(
+            None,
+            {
+                "output_dir": str(tmp_path),
+                "trainer.max_epochs": 10,
+                "model.kwargs": {"dim": 64},
+                "trainer.progress": False,
+            },
+        ).differences(stored)
+        == []
+    )
+    other = load_config(None, {"output_dir": str(tmp_path), "trainer.max_epochs": 15, "model.kwargs": {"dim": 32}})
+    assert other.differences(stored) == ["model.kwargs.dim", "trainer.max_epochs"]
+    with pytest.raises(
+        ConfigError,
+        match=r"result.json: this run folder was made with a different config "
+        r"\(model.kwargs.dim, trainer.max_epochs differ\)",
+    ):
+        finished_result(other)
+    (cfg.run_dir / "result.json").write_text('{"config": ')  # truncated
+    with pytest.raises(ConfigError, match="result.json: unreadable"):
+        finished_result(cfg)
 
 
 def test_warmup_then_cosine_and_multistep():

@@ -138,22 +138,36 @@ def fit_and_test(
 
 
 def guard_run_dir(cfg: RunConfig) -> None:
-    """Record the config a run folder was started with, and refuse to resume (or reuse) that folder under a different
-    one: a checkpoint trained for 10 epochs must never be silently continued or reported as a 15-epoch run."""
+    """Record the config a run folder was started with, and refuse to resume that folder under a different one: a
+    checkpoint trained for 10 epochs must never be silently continued or reported as a 15-epoch run."""
     stored_path = cfg.run_dir / "run_config.json"
     if stored_path.is_file():
-        try:
-            stored = json.loads(stored_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{stored_path}: unreadable run config ({exc}); delete the folder to start over") from exc
-        changed = cfg.differences(stored)
-        if changed:
-            raise ConfigError(
-                f"{cfg.run_dir}: this run folder was started with a different config ({', '.join(changed)} differ); "
-                "choose another --output_dir or name, or delete the folder to start over"
-            )
+        _refuse_other_config(cfg, stored_path, lambda stored: stored)
     else:
         write_json(stored_path, cfg.to_dict())
+
+
+def finished_result(cfg: RunConfig) -> dict | None:
+    """The ``result.json`` of a run that already finished with exactly this config, or None when there is none (a
+    long benchmark reuses finished runs). A result made with another config is an error, never a silent reuse."""
+    done = cfg.run_dir / "result.json"
+    return _refuse_other_config(cfg, done, lambda result: result["config"]) if done.is_file() else None
+
+
+def _refuse_other_config(cfg: RunConfig, path: Path, config_of) -> dict:
+    """Read the JSON at ``path``; raise ConfigError naming the file and the differing keys unless the config it holds
+    (``config_of(data)``) is ``cfg``'s. Returns the data."""
+    try:
+        data = json.loads(path.read_text())
+        changed = cfg.differences(config_of(data))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); delete the run folder to start over") from exc
+    if changed:
+        raise ConfigError(
+            f"{path}: this run folder was made with a different config ({', '.join(changed)} differ); "
+            "choose another output folder or name, or delete the folder to start over"
+        )
+    return data
 
 
 def _epoch_from_path(path: str | None) -> int | None:
