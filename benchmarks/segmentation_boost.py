@@ -141,7 +141,8 @@ def markdown(report: dict) -> str:
         head = "| arm | mean Dice | " + " | ".join(f"Dice {c}" for c in classes) + " | HD95 | params | trainable | "
         head += "s/epoch | epoch-time ratio |"
         share = entry.get("train_fraction", 1.0)
-        title = f"### {dataset} ({entry['epochs']} epochs" + (f", {share:.0%} of the training cases)" if share < 1 else ")")
+        cases = f", {share:.0%} of the training cases" if share < 1 else ""
+        title = f"### {dataset} ({entry['epochs']} epochs{cases})"
         lines += [title, "", head, "|" + "---|" * (7 + len(classes))]
         for arm, a in arms_.items():
             ratio = a["seconds_per_epoch"] / base["seconds_per_epoch"] if base else float("nan")
