@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,27 @@ def test_a_run_folder_is_never_resumed_under_another_config(tmp_path, capsys):
     # Cosmetic settings do not count: the same run with progress bars on resumes.
     again = load_config(None, {**values, "trainer.progress": True})
     assert train_classifier(again, make_plots=False)["resumed_from"]
+    # --no-resume starts over, and the new config becomes the folder's.
+    assert main(["train", "--no-resume", *_args({**values, "trainer.max_epochs": 2})]) == 0
+    assert json.loads((cfg.run_dir / "run_config.json").read_text())["trainer"]["max_epochs"] == 2
+
+
+def test_demo_compares_both_arms_and_names_its_runs_by_what_they_trained(tmp_path, tiny_llm, capsys):
+    real = Path(__file__).parents[1].parent / "shared" / "data" / "medmnist"
+    if not (real / "breastmnist.npz").is_file():
+        pytest.skip(f"real BreastMNIST file is absent from {real}")
+    out = tmp_path / "demo"
+    args = ["demo", "--epochs", "1", "--output-dir", str(out), "--data-dir", str(real), "--no-download"]
+    assert main([*args, "--block", tiny_llm]) == 0
+    printed = capsys.readouterr().out
+    assert "vit+llm" in printed and "AUC" in printed
+    summary = json.loads((out / "breastmnist" / "summary.json").read_text())
+    assert [r["model"] for r in summary["rows"]] == ["vit", "vit+llm"]
+    assert all(0 <= r["test_auc"] <= 1 and r["trainable_parameters"] > 0 for r in summary["rows"])
+    runs = {str(Path(r["run_dir"]).relative_to(out)) for r in summary["rows"]}
+    assert runs == {"breastmnist/vit/1ep-seed0", f"breastmnist/vit_{Path(tiny_llm).name}/1ep-seed0"}
+    for run in runs:
+        assert (out / run / "result.json").is_file() and (out / run / "model" / "config.json").is_file()
 
 
 def _free_port() -> int:

@@ -113,7 +113,7 @@ def fit_and_test(
     uninterrupted run).
     """
     run_dir = cfg.run_dir
-    guard_run_dir(cfg)
+    guard_run_dir(cfg, resume)
     timer = EpochTimer()
     trainer, checkpoint = build_trainer(cfg, run_dir, monitor, mode, [timer, *callbacks])
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -137,11 +137,12 @@ def fit_and_test(
     }
 
 
-def guard_run_dir(cfg: RunConfig) -> None:
+def guard_run_dir(cfg: RunConfig, resume: bool = True) -> None:
     """Record the config a run folder was started with, and refuse to resume that folder under a different one: a
-    checkpoint trained for 10 epochs must never be silently continued or reported as a 15-epoch run."""
+    checkpoint trained for 10 epochs must never be silently continued or reported as a 15-epoch run. Without
+    ``resume`` the run starts over and its config replaces the stored one."""
     stored_path = cfg.run_dir / "run_config.json"
-    if stored_path.is_file():
+    if resume and stored_path.is_file():
         _refuse_other_config(cfg, stored_path, lambda stored: stored)
     else:
         write_json(stored_path, cfg.to_dict())

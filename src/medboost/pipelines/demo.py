@@ -50,11 +50,14 @@ def demo_configs(
         "vit": ModelConfig("vit_tiny", dict(DEMO_VIT)),
         "vit+llm": ModelConfig("vit_tiny_llm", dict(DEMO_VIT, booster={"block": {"source": block, "layer": -1}})),
     }
+    # The run folder names what was trained, so `make demo EPOCHS=5` after `make demo` starts its own runs instead of
+    # meeting the 20-epoch folders (a run folder is never resumed under another config).
+    folders = {"vit": "vit", "vit+llm": f"vit_{Path(str(block)).name}"}
     return {
         arm: cpu_recipe(
             dataset,
             model,
-            f"{dataset}/{arm.replace('+', '_')}/seed{seed}",
+            f"{dataset}/{folders[arm]}/{epochs}ep-seed{seed}",
             seed,
             epochs,
             output_dir,
