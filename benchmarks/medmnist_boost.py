@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every dataset (default per dataset)")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
     # Outside the work tree, so that a long run interrupted here can be completed by a later session on this machine.
-    parser.add_argument("--runs-dir", default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "medmnist"))
+    parser.add_argument(
+        "--runs-dir",
+        default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "medmnist"),
+        help="run folders (--quick uses its quick/ subfolder, apart from the full runs)",
+    )
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--tag", default=None, help="results file name (default medmnist_boost[_quick])")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto | cpu | gpu)")
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     # per epoch of all six arms, measured): a small budget, the same for every arm.
     default_epochs = {"breastmnist": 10, "retinamnist": 8, "adrenalmnist3d": 8}
     if args.quick:
+        args.runs_dir = str(Path(args.runs_dir) / "quick")
         args.seeds, default_epochs = args.seeds[:1], {d: 3 for d in default_epochs}
         args.datasets = [d for d in args.datasets if d != "retinamnist"]
     tag = args.tag or ("medmnist_boost_quick" if args.quick else "medmnist_boost")

@@ -170,13 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None)
     # Outside the work tree, so that a long run interrupted here can be completed by a later session on this machine.
-    parser.add_argument("--runs-dir", default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "segmentation"))
+    parser.add_argument(
+        "--runs-dir",
+        default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "segmentation"),
+        help="run folders (--quick uses its quick/ subfolder, apart from the full runs)",
+    )
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     # Sized so that the full run (2 datasets x 8 arms x 3 seeds = 48 runs) fits 3 hours on 2 CPU cores: about 40 s
     # per Hippocampus epoch (182 crops + Dice on 26 validation volumes) plus ~60 s of data checks and test per run.
     epochs_for, train_fraction = {"hippocampus": 4, "isbi2012": 8}, 1.0
     if args.quick:  # a smoke run within 15 minutes: it shows the pipeline works, not which arm is better
+        args.runs_dir = str(Path(args.runs_dir) / "quick")
         args.seeds, args.datasets, epochs_for, train_fraction = args.seeds[:1], ["hippocampus"], {"hippocampus": 2}, 0.5
     tag = "segmentation_boost_quick" if args.quick else "segmentation_boost"
     started = time.perf_counter()
