@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -62,10 +63,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (temp file + rename), so an interrupted run never leaves a truncated result."""
+    """Write JSON atomically (temp file + rename), so an interrupted run never leaves a truncated result. The temp
+    file is per process: DDP ranks may write the same file at once."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(_jsonable(data), indent=2))
     tmp.replace(path)
     return path
