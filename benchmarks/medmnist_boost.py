@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from medboost.engine.config import ModelConfig, RunConfig
 from medboost.engine.records import environment, write_json
 from medboost.engine.trainer import finished_result
+from medboost.errors import MedboostError
 from medboost.pipelines.classification import build_datamodule, build_model, train_classifier
 from medboost.pipelines.demo import cpu_recipe
 
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         "--source", nargs="+", default=[], metavar="PRESET=PATH", help="read a preset's block from another copy"
     )
     args = parser.parse_args(argv)
+    bad = [item for item in args.source if "=" not in item]
+    if bad:
+        parser.error(f"--source expects PRESET=PATH, got {' '.join(bad)}")
     sources = dict(item.split("=", 1) for item in args.source)
     # Sized so that the full run (3 datasets x 6 arms x 3 seeds) fits 3 hours on 2 CPU cores (~61, ~136 and ~146 s
     # per epoch of all six arms, measured): a small budget, the same for every arm.
@@ -220,4 +224,7 @@ def markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except MedboostError as err:  # a stored run made with another config, missing data, ...: one message, exit 2
+        sys.exit(f"error: {err}")

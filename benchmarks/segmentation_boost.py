@@ -23,6 +23,7 @@ from pathlib import Path
 from medboost.engine.config import ModelConfig, OptimConfig, RunConfig, SegmentationDataConfig, TrainerConfig
 from medboost.engine.records import environment, write_json
 from medboost.engine.trainer import finished_result
+from medboost.errors import MedboostError
 from medboost.pipelines.segmentation import train_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,4 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except MedboostError as err:  # a stored run made with another config, missing data, ...: one message, exit 2
+        sys.exit(f"error: {err}")
