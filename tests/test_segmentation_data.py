@@ -15,21 +15,11 @@ import torch
 from PIL import Image
 from synthetic_data import SHAPES, case_arrays, make_2d, make_msd, write_nifti, write_png
 
-from medboost.data.segmentation import (
-    SegmentationDataModule,
-    SegmentationDataset,
-    augmentation_transforms,
-    check_pairs,
-    find_msd_pairs,
-    find_paired_2d,
-    kfold_split,
-    load_split,
-    make_split,
-    preprocessing_transforms,
-    save_split,
-    split_md5,
-    subset_train,
-)
+from medboost.data.content_checks import check_pairs
+from medboost.data.pairing import find_msd_pairs, find_paired_2d
+from medboost.data.segmentation import SegmentationDataModule, SegmentationDataset
+from medboost.data.segmentation_transforms import augmentation_transforms, preprocessing_transforms
+from medboost.data.splits import split_md5
 from medboost.errors import ConfigError, DataError
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "data"
@@ -299,59 +289,6 @@ def test_real_isbi_pairs_and_whole_slices(tmp_path):
     assert image.shape == (1, 1, 512, 512) and np.array_equal(label[0, 0].numpy(), mask)
 
 
-# --------------------------------------------------------------------------------------------------- splits
-
-
-CASES = [f"hippocampus_{i:03d}" for i in range(100)]
-
-
-def test_make_split_is_seeded_disjoint_and_complete():
-    split = make_split(CASES, seed=3, val_fraction=0.1, test_fraction=0.2)
-    assert split == make_split(list(reversed(CASES)), seed=3, val_fraction=0.1, test_fraction=0.2)
-    assert [len(split[s]) for s in ("train", "val", "test")] == [70, 10, 20]
-    assert sorted(sum(split.values(), [])) == CASES
-    assert make_split(CASES, seed=4)["test"] != split["test"]
-    with pytest.raises(DataError, match="case ids must be unique"):
-        make_split(CASES + CASES[:1], seed=0)
-    with pytest.raises(DataError, match="too few"):
-        make_split(CASES[:2], seed=0, val_fraction=0.3, test_fraction=0.3)
-
-
-def test_train_fractions_are_nested_and_leave_val_test_alone():
-    split = make_split(CASES, seed=1)
-    subsets = {f: subset_train(split, f, seed=1) for f in (0.1, 0.3, 1.0)}
-    assert [len(subsets[f]["train"]) for f in (0.1, 0.3, 1.0)] == [7, 21, 70]
-    assert set(subsets[0.1]["train"]) < set(subsets[0.3]["train"]) < set(subsets[1.0]["train"])
-    assert subsets[1.0] == split
-    assert all(subsets[f]["val"] == split["val"] and subsets[f]["test"] == split["test"] for f in subsets)
-
-
-def test_kfold_covers_every_non_test_case_once():
-    folds = [kfold_split(CASES, k=5, fold=f, seed=2, test_fraction=0.2) for f in range(5)]
-    test = make_split(CASES, seed=2, val_fraction=0.0, test_fraction=0.2)["test"]
-    assert all(f["test"] == test for f in folds)
-    vals = [c for f in folds for c in f["val"]]
-    assert sorted(vals) == sorted(set(CASES) - set(test))
-    assert all(not set(f["train"]) & set(f["val"]) and len(f["train"]) + len(f["val"]) == 80 for f in folds)
-    with pytest.raises(ConfigError):
-        kfold_split(CASES, k=5, fold=5)
-
-
-def test_split_json_roundtrip_and_missing_cases(tmp_path):
-    split = make_split(CASES, seed=0)
-    path = save_split(split, tmp_path / "split.json", seed=0)
-    assert load_split(path, CASES) == split
-    assert split_md5(load_split(path)) == split_md5(split)
-    with pytest.raises(DataError, match=r"split.json: 2 listed case\(s\) are missing.*hippocampus_000"):
-        load_split(path, CASES[2:])
-    with pytest.raises(DataError, match="split file not found"):
-        load_split(tmp_path / "nope.json")
-    bad = tmp_path / "overlap.json"
-    bad.write_text(json.dumps({"train": ["a", "b"], "val": ["b"], "test": []}))
-    with pytest.raises(DataError, match="'b' is in both train and val"):
-        load_split(bad)
-
-
 # --------------------------------------------------------------------------------------------------- transforms
 
 
@@ -408,7 +345,7 @@ def test_data_module_loaders_case_info_and_record(tmp_path):
         assert info.original_shape == original.shape and np.array_equal(info.affine, np.eye(4))
         assert np.array_equal(dm.invert("val", i, label[0, 0]).numpy(), original)  # padding undone
     record = dm.record()
-    assert record["n_cases"] == {"train": 4, "val": 2, "test": 2}
+    assert record["n_samples"] == {"train": 4, "val": 2, "test": 2}
     assert record["split"] == dm.split and record["split_md5"] == split_md5(dm.split)
     assert record["label_names"] == ["background", "class_1", "class_2"] and record["problems"] == []
     assert json.loads(json.dumps(record)) == record  # goes into a JSON result record as it is
@@ -481,6 +418,6 @@ def test_reoriented_volume_is_served_in_ras_and_inverted_to_the_file_grid(tmp_pa
     image, label, _ = next(iter(dm.val_dataloader()))
     info = dm.case_info("val", 0)
     assert (info.original_shape, info.shape, tuple(image.shape[2:])) == ((12, 13, 10), (12, 10, 13), (12, 10, 13))
-    assert np.array_equal(info.affine, affine)
+    assert np.array_equal(info.affine, affine) and info.spacing == (1.0, 1.5, 1.0)  # the served grid's, not the file's
     original = np.asanyarray(nib.load(str(info.label)).dataobj)
     assert np.array_equal(dm.invert("val", 0, label[0, 0]).numpy(), original)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import random
 import tempfile
 import urllib.request
 import zipfile
@@ -22,14 +21,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medboost.data.base import SplitDataModule
 from medboost.data.medmnist_info import SPLITS, DatasetInfo, get_info
-from medboost.data.sampling import EpochSeededSampler, WithIndex
-from medboost.errors import ConfigError, DataError
+from medboost.errors import DataError
 
 __all__ = [
     "ENV_VAR",
@@ -42,7 +40,6 @@ __all__ = [
     "load_npz",
     "locate",
     "search_dirs",
-    "seed_worker",
 ]
 
 ENV_VAR = "MEDBOOST_DATA"
@@ -404,18 +401,7 @@ class MedMNISTDataset(Dataset):
         )
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed ``random`` and NumPy in a DataLoader worker from the torch seed the loader gave it.
-
-    medboost's transforms use torch only (already seeded per worker by the loader's generator); this keeps user
-    transforms that draw from NumPy or ``random`` reproducible as well.
-    """
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-class MedMNISTDataModule(L.LightningDataModule):
+class MedMNISTDataModule(SplitDataModule[MedMNISTDataset]):
     """The three splits of one MedMNIST dataset, with seeded shuffling, for Lightning or plain loops.
 
     ``setup`` checks the file (MD5 unless ``verify_md5=False``) and loads all splits at once. ``train_transform`` is
@@ -440,27 +426,23 @@ class MedMNISTDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         drop_last: bool = False,
     ):
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed, pin_memory, drop_last)
         self.info = get_info(name)
         self.info.check_size(size)
-        if batch_size < 1 or num_workers < 0:
-            raise ConfigError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
         self.size = size
         self.data_dir = data_dir
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.download = download
         self.as_rgb = as_rgb
         self.train_transform = train_transform
         self.eval_transform = eval_transform
-        self.seed = seed
         self.verify_md5 = verify_md5
-        self.pin_memory = pin_memory
-        self.drop_last = drop_last
         self.path: Path | None = None
         self.md5: str | None = None
-        self.datasets: dict[str, MedMNISTDataset] = {}
         self.test_every_epoch = False
+
+    @property
+    def source(self) -> str:
+        return f"{self.info.python_class} data module"
 
     @property
     def task(self) -> str:
@@ -487,58 +469,31 @@ class MedMNISTDataModule(L.LightningDataModule):
         # Lightning calls this on one process only: the place to download, never to assign state.
         locate(self.info.name, self.size, data_dir=self.data_dir, download=self.download)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
+    def build_datasets(self) -> dict[str, MedMNISTDataset]:
         self.path = locate(self.info.name, self.size, data_dir=self.data_dir, download=self.download)
         self.md5 = file_md5(self.path)
         arrays = load_npz(self.path, self.info, self.size, verify_md5=self.verify_md5, md5=self.md5)
-        for split, (images, labels) in arrays.items():
-            transform = self.train_transform if split == "train" else self.eval_transform
-            self.datasets[split] = MedMNISTDataset(
-                images, labels, self.info, split=split, transform=transform, as_rgb=self.as_rgb
+        return {
+            split: MedMNISTDataset(
+                images,
+                labels,
+                self.info,
+                split=split,
+                transform=self.train_transform if split == "train" else self.eval_transform,
+                as_rgb=self.as_rgb,
             )
-
-    def dataset(self, split: str) -> MedMNISTDataset:
-        if not self.datasets:
-            raise DataError(f"{self.info.python_class} data module: call setup() before asking for the {split} split")
-        if split not in self.datasets:
-            raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        return self.datasets[split]
+            for split, (images, labels) in arrays.items()
+        }
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one model input after ``eval_transform`` (e.g. ``(3, 224, 224)`` after a 28 -> 224 resize)."""
         return tuple(self.dataset("val")[0][0].shape)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        # Samples come with their index (exact distributed metrics); shuffling is seeded by (seed, epoch) so that a
-        # resumed run sees the same batches as an uninterrupted one. Worker seeds derive from the global torch RNG,
-        # which the training task reseeds every epoch.
-        dataset = self.dataset(split)
-        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
-        return DataLoader(
-            WithIndex(dataset),
-            batch_size=self.batch_size,
-            sampler=sampler,
-            generator=sampler.generator if sampler else torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
-            worker_init_fn=seed_worker,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
-            drop_last=self.drop_last and shuffle,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        val = self._loader("val", shuffle=False)
+        val = self._loader("val", train=False)
         # The paper code's "best test epoch" needs test scores every epoch (reported for comparison only).
-        return [val, self._loader("test", shuffle=False)] if self.test_every_epoch else val
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return [val, self._loader("test", train=False)] if self.test_every_epoch else val
 
     def record(self) -> dict[str, Any]:
         """What a result record should say about the data (call after ``setup``)."""
@@ -552,6 +507,5 @@ class MedMNISTDataModule(L.LightningDataModule):
             "file": str(self.path) if self.path else None,
             "md5": self.md5,
             "md5_verified": self.verify_md5,
-            "n_samples": {s: len(d) for s, d in self.datasets.items()},
-            "seed": self.seed,
+            **super().record(),
         }
