@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# The suite trains tiny models, whose steps are dominated by thread synchronisation: one intra-op thread runs them
+# many times faster on a small shared machine. medboost's start_run respects a thread count set this way, and the
+# CLI subprocesses some tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
 

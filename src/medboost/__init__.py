@@ -1,7 +1,7 @@
 """medboost: frozen transformer blocks from pre-trained language models as encoder layers for medical imaging."""
 
-from medboost.errors import BlockLoadError, ConfigError, DataError, MedboostError
+from medboost.errors import BlockLoadError, ConfigError, DataError, MedboostError, TrainingError
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockLoadError", "ConfigError", "DataError", "MedboostError", "__version__"]
+__all__ = ["BlockLoadError", "ConfigError", "DataError", "MedboostError", "TrainingError", "__version__"]

@@ -53,27 +53,58 @@ def _cmd_llm_inspect(args) -> int:
 
 
 def _cmd_train(args, extra: list[str]) -> int:
-    from medboost.engine.config import load_config, parse_overrides
-    from medboost.pipelines.classification import train_classifier
+    from medboost.engine.config import parse_run_args
 
-    cfg = load_config(args.config, parse_overrides(extra))
-    print(f"run folder: {cfg.run_dir}")
+    cfg = parse_run_args(extra)  # --help and --print_config print and exit here
     if cfg.task == "segmentation":
-        from medboost.pipelines.segmentation import train_segmenter
+        from medboost.pipelines import segmentation as pipeline
 
-        result = train_segmenter(cfg, resume=not args.no_resume)
-        test = result.get("test", {})
-        print(f"best epoch (by validation Dice): {result.get('best_epoch')}  val Dice {result.get('best_val'):.4f}")
-        print(
-            "test (mean over foreground classes): "
-            + "  ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in test.items() if k != "test_loss")
-        )
-        return 0
-    result = train_classifier(cfg, resume=not args.no_resume)
-    test = result.get("test", {})
-    print(f"best epoch (by validation AUC): {result.get('best_epoch')}  val AUC {result.get('best_val'):.4f}")
-    print(f"test ACC {test.get('test_acc', float('nan')):.4f}  AUC {test.get('test_auc', float('nan')):.4f}")
+        train, selected_by = pipeline.train_segmenter, "validation Dice"
+    else:
+        from medboost.pipelines import classification as pipeline
+
+        train, selected_by = pipeline.train_classifier, "validation AUC"
+    if args.dry_run:
+        return _dry_run(cfg, pipeline)
+    print(f"run folder: {cfg.run_dir}")
+    _print_result(cfg, train(cfg, resume=not args.no_resume), selected_by)
     return 0
+
+
+def _dry_run(cfg, pipeline) -> int:
+    from medboost.engine.records import count_parameters
+    from medboost.engine.trainer import dry_run, start_run
+
+    start_run(cfg)
+    dm, model, task = pipeline.prepare(cfg)
+    dry_run(cfg, task, dm)
+    sizes = count_parameters(model)
+    print(
+        f"dry run passed: {cfg.task} of {cfg.dataset_name} with {cfg.model.name} "
+        f"({sizes['parameters'] / 1e6:.2f} M parameters, {sizes['trainable_parameters'] / 1e6:.2f} M trainable); "
+        f"one training and one validation batch ran; nothing was written (the run would go to {cfg.run_dir})"
+    )
+    return 0
+
+
+def _print_result(cfg, result: dict, selected_by: str) -> None:
+    """The test metrics at the checkpoint selected on validation, as one table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    test = {k.removeprefix("test_"): v for k, v in result.get("test", {}).items() if k != "test_loss"}
+    table = Table(title=f"{cfg.dataset_name} / {cfg.model.name}, seed {cfg.seed}: test at the best {selected_by}")
+    for column in ("best epoch", f"best {selected_by}", *test):
+        table.add_column(column, justify="right")
+    best_val = result.get("best_val")
+    table.add_row(
+        str(result.get("best_epoch")),
+        "-" if best_val is None else f"{best_val:.4f}",
+        *(f"{v:.4f}" for v in test.values()),
+    )
+    console = Console()
+    console.print(table)
+    console.print(f"report: {cfg.run_dir / 'result.json'}")
 
 
 def _cmd_demo(args) -> int:
@@ -111,11 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--layer", type=int, default=None, help="layer index (negative from the end)")
     inspect.add_argument("--json", action="store_true")
 
-    train = sub.add_parser("train", help="train from a YAML recipe; override any key with --section.key VALUE")
-    train.add_argument("--config", "-c", default=None, help="YAML recipe (e.g. configs/r-llm/breastmnist.yaml)")
+    # The run config's own arguments (-c RECIPE, --section.key VALUE, --help, --print_config) go to its jsonargparse
+    # parser (engine.config.parse_run_args); only these two are the command's.
+    train = sub.add_parser(
+        "train", add_help=False, help="train from a YAML recipe; any key: --section.key VALUE (--help lists them)"
+    )
     train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoints/last.ckpt")
-
+    train.add_argument(
+        "--dry-run", action="store_true", help="check data, model and settings on one batch; write nothing"
+    )
     demo = sub.add_parser("demo", help="train the ViT with and without a frozen LLM block and compare on test")
+    for command in (train, demo):
+        command.add_argument("--verbose", action="store_true", help="show every library message and warning")
     demo.add_argument("--dataset", default="breastmnist")
     demo.add_argument("--epochs", type=int, default=20)
     demo.add_argument("--output-dir", default="runs/demo")
@@ -139,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "llm":
             return _cmd_llm_list(args) if args.llm_command == "list" else _cmd_llm_inspect(args)
-        if args.command == "train":
-            return _cmd_train(args, extra)
-        if args.command == "demo":
-            return _cmd_demo(args)
+        if args.command in ("train", "demo"):
+            from medboost.engine.quiet import quiet_libraries
+
+            with quiet_libraries(args.verbose):
+                return _cmd_train(args, extra) if args.command == "train" else _cmd_demo(args)
         if args.command == "predict":
             return _cmd_predict(args)
     except MedboostError as err:

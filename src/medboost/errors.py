@@ -23,3 +23,7 @@ class DataError(MedboostError):
 
 class ConfigError(MedboostError):
     """A model or training configuration is invalid."""
+
+
+class TrainingError(MedboostError):
+    """Training cannot go on (e.g. the loss became non-finite); the message says what to change."""

@@ -1,76 +1,149 @@
-"""Run configuration: typed sections loaded from a YAML recipe, with ``--section.key value`` overrides.
+"""Run configuration: typed dataclass sections, parsed and validated by jsonargparse.
 
-Unknown keys are errors that name the key and the file (a typo must never silently fall back to a default).
+A run is a YAML recipe plus ``--section.key VALUE`` overrides. jsonargparse checks every value against the dataclass
+types (lists and dicts included), lists every key with its type, default and doc in ``--help``, and prints the
+resolved recipe with ``--print_config``. medboost adds two things on top: every error names where the bad value came
+from (the recipe file or the command line), and an unknown key is answered with the closest valid one.
+
+The data section's schema depends on the task, so each task has its own run class (:data:`RUN_CONFIGS`); the task is
+read from the recipe and the command line before the parser for it is built.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import types
-import typing
+import difflib
+import json
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from medboost.errors import ConfigError
 
+# jsonargparse announces its own future API changes through warnings a medboost user can do nothing about.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
 
 @dataclass
 class DataConfig:
+    """MedMNIST data.
+
+    Args:
+        dataset: MedMNIST dataset name (e.g. breastmnist, adrenalmnist3d; see the medmnist INFO table).
+        size: stored image size (28, 64, 128 or 224; 3D sets: 28 or 64).
+        data_dir: folder holding the .npz; None searches $MEDBOOST_DATA, then ~/.medmnist.
+        download: download the file from Zenodo (MD5 checked) when it is not found.
+        verify_md5: check the file's MD5 against the official one (False only for files you made yourself).
+        batch_size: samples per batch and process.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        as_rgb: repeat grey images to 3 channels.
+        augment: light augmentation of the training split (flips, small affine).
+        resize: resize images to this size (e.g. 224 as R-LLM's 2D recipe does); None keeps the stored size.
+    """
+
     dataset: str = "breastmnist"
     size: int = 28
     data_dir: str | None = None
     download: bool = False
-    verify_md5: bool = True  # False only for files you made yourself (official files always match their MD5)
+    verify_md5: bool = True
     batch_size: int = 128
     num_workers: int = 0
     as_rgb: bool = False
     augment: bool = False
-    resize: int | None = None  # e.g. 224 to upsample 28 px images as R-LLM's 2D recipe does
+    resize: int | None = None
 
 
 @dataclass
 class SegmentationDataConfig:
-    """Data for segmentation: an MSD task folder (``imagesTr/`` + ``labelsTr/``, ``dataset.json`` when present) or a
-    paired 2D folder (``images/`` + ``masks/``)."""
+    """Segmentation data: an MSD task folder (imagesTr/ + labelsTr/, dataset.json when present) or a paired 2D folder
+    (images/ + masks/).
+
+    Args:
+        root: the task or paired folder.
+        spatial_dims: 2 or 3; None infers it from the files.
+        roi_size: training crop (and sliding-window) size, one value per spatial axis.
+        split: a split JSON (case ids per split); None makes a seeded split from the case list.
+        val_fraction: share of cases for validation (seeded split only).
+        test_fraction: share of cases for test (seeded split only).
+        train_fraction: nested, seeded subset of the training cases (0.1 / 0.3 / 1.0 as the paper studied).
+        k_folds: k of a k-fold split of the non-test cases; None: a single split.
+        fold: which fold validates (with k_folds).
+        batch_size: ROI crops per batch and process.
+        num_workers: DataLoader worker processes.
+        augment: random flips, rotations and intensity changes of the training crops.
+        normalize: intensity normalisation, zscore or percentile.
+        spacing: resample to this voxel spacing in mm; None keeps the native grid.
+        channels: channel selection for multi-modal images; None keeps all.
+        strict: refuse the run when any image/label pair is broken (else report and drop them).
+        sw_overlap: sliding-window overlap at validation and test.
+        write_predictions: write test predictions as NIfTI (3D) / PNG (2D) with overlays.
+    """
 
     root: str = "../shared/data/msd/Task04_Hippocampus"
-    spatial_dims: int | None = None  # inferred from the files when None
+    spatial_dims: int | None = None
     roi_size: list[int] = field(default_factory=lambda: [32, 48, 32])
-    split: str | None = None  # a split JSON (case ids per split); None: a seeded split made from the case list
+    split: str | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.2
-    train_fraction: float = 1.0  # 0.1 / 0.3 / 1.0 as the paper studied; nested subsets of the training cases
+    train_fraction: float = 1.0
     k_folds: int | None = None
     fold: int = 0
     batch_size: int = 4
     num_workers: int = 0
     augment: bool = True
-    normalize: str = "zscore"  # zscore | percentile
-    spacing: list[float] | None = None  # resample to this spacing (mm); None keeps the native grid
-    channels: list[int] | None = None  # channel selection for multi-modal images
-    strict: bool = True  # refuse the run when any image/label pair is broken (else report and drop them)
-    sw_overlap: float = 0.5  # sliding-window overlap at validation and test
-    write_predictions: bool = True  # test predictions as NIfTI (3D) / PNG (2D) with overlays
+    normalize: Literal["zscore", "percentile"] = "zscore"
+    spacing: list[float] | None = None
+    channels: list[int] | None = None
+    strict: bool = True
+    sw_overlap: float = 0.5
+    write_predictions: bool = True
 
 
 @dataclass
 class ModelConfig:
+    """The model.
+
+    Args:
+        name: a registered model (medboost.models.list_models(); e.g. vit_tiny, vit_tiny_llm, resnet18,
+            medvisionllama, unetr). A plain ViT has no booster: drop a recipe's block with
+            --model.kwargs.booster null.
+        kwargs: the model's arguments (patch_size, dim, depth, booster: {residual, block: {source, layer}}, ...).
+    """
+
     name: str = "vit_tiny"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adam | adamw | sgd
+    """Optimiser and learning-rate schedule.
+
+    Args:
+        name: adam, adamw or sgd.
+        lr: peak learning rate.
+        weight_decay: decoupled (adamw) or L2 (adam, sgd) weight decay.
+        momentum: SGD momentum.
+        schedule: cosine, multistep or constant, after the warm-up.
+        warmup_epochs: linear warm-up epochs.
+        milestones: multistep decay points as fractions of max_epochs.
+        gamma: multistep decay factor.
+        min_lr: floor of the cosine schedule.
+        grad_clip: clip the gradient norm to this value; None does not clip.
+    """
+
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine | multistep | constant
+    momentum: float = 0.9
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
     warmup_epochs: int = 0
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of max_epochs (multistep)
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
     min_lr: float = 0.0
     grad_clip: float | None = None
@@ -78,32 +151,95 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
+    """Classification loss and batch mixing.
+
+    Args:
+        label_smoothing: cross-entropy label smoothing.
+        mixup: Beta(alpha, alpha) mixing of image pairs; 0 disables.
+        cutmix: Beta(alpha, alpha) box mixing (2D and 3D); 0 disables.
+        mix_prob: probability that a batch is mixed.
+    """
+
     label_smoothing: float = 0.0
-    mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 disables
-    cutmix: float = 0.0  # Beta(alpha, alpha) box mixing; 0 disables (2D and 3D)
+    mixup: float = 0.0
+    cutmix: float = 0.0
     mix_prob: float = 1.0
+
+
+#: TrainerConfig fields that are Lightning Trainer arguments of the same name and meaning.
+LIGHTNING_TRAINER_KEYS = (
+    "max_epochs",
+    "precision",
+    "accelerator",
+    "devices",
+    "strategy",
+    "num_nodes",
+    "limit_train_batches",
+    "limit_val_batches",
+    "log_every_n_steps",
+    "deterministic",
+)
 
 
 @dataclass
 class TrainerConfig:
+    """Training loop (Lightning).
+
+    Args:
+        max_epochs: training epochs.
+        precision: 32-true or bf16-mixed (or any Lightning precision).
+        accelerator: auto, cpu, gpu, ...
+        devices: number of devices, a list of device ids, or auto.
+        strategy: auto, ddp (multi-GPU), ddp_spawn (CPU), fsdp.
+        num_nodes: machines for multi-node training.
+        patience: early stopping after this many epochs without a better validation metric; None: never.
+        ema_decay: exponential moving average of the weights, evaluated with the EMA weights; None: off.
+        limit_train_batches: batches per training epoch (an int) or a fraction of them (a float).
+        limit_val_batches: batches per validation (an int) or a fraction of them (a float).
+        log_every_n_steps: logging interval of step-level metrics.
+        progress: show the progress bar.
+        deterministic: use deterministic algorithms only.
+    """
+
     max_epochs: int = 100
-    precision: str = "32-true"  # or "bf16-mixed"
+    precision: str = "32-true"
     accelerator: str = "auto"
-    devices: Any = 1
-    strategy: str = "auto"  # "ddp" for multi-GPU, "ddp_spawn" on CPU
+    devices: int | list[int] | str = 1
+    strategy: str = "auto"
     num_nodes: int = 1
-    patience: int | None = None  # early stopping on the validation metric
-    ema_decay: float | None = None  # exponential moving average of the weights (evaluated with the EMA weights)
-    limit_train_batches: float | int = 1.0
-    limit_val_batches: float | int = 1.0
+    patience: int | None = None
+    ema_decay: float | None = None
+    limit_train_batches: int | float = 1.0
+    limit_val_batches: int | float = 1.0
     log_every_n_steps: int = 10
     progress: bool = True
     deterministic: bool = False
 
+    def lightning_kwargs(self) -> dict[str, Any]:
+        """The fields that are Lightning Trainer arguments, by name."""
+        return {key: getattr(self, key) for key in LIGHTNING_TRAINER_KEYS}
+
 
 @dataclass
 class RunConfig:
-    task: str = "classification"  # classification | segmentation
+    """A training run.
+
+    Args:
+        task: classification or segmentation (decides the data section's keys).
+        data: the data section (DataConfig for classification, SegmentationDataConfig for segmentation).
+        model: the model section.
+        optim: the optimiser section.
+        loss: the loss section (classification).
+        trainer: the training-loop section.
+        seed: seeds model initialisation, data order, augmentation and splits.
+        output_dir: folder under which run folders are made.
+        name: run folder name under output_dir; None: <dataset>/<model>/seed<seed>.
+        report_best_test_epoch: also evaluate test after every epoch and report the paper code's "best test epoch".
+            For comparison only: selecting on test is optimistic; the reported result is always the
+            validation-selected checkpoint.
+    """
+
+    task: str = "classification"
     data: DataConfig | SegmentationDataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -111,10 +247,17 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     output_dir: str = "runs"
-    name: str | None = None  # run folder name; default "<dataset>/<model>/seed<seed>"
-    # Also evaluate test after every epoch and report the paper code's "best test epoch". FOR COMPARISON ONLY: selecting
-    # on test is optimistic; the reported result is always the validation-selected checkpoint.
+    name: str | None = None
     report_best_test_epoch: bool = False
+
+    def __post_init__(self):
+        if self.task not in RUN_CONFIGS:
+            raise ConfigError(f"task: unknown task {self.task!r}; known: {', '.join(RUN_CONFIGS)}")
+        expected = DATA_CONFIGS[self.task]
+        if not isinstance(self.data, expected):
+            raise ConfigError(
+                f"data: a {self.task} run needs a {expected.__name__} data section, got {type(self.data).__name__}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,10 +266,6 @@ class RunConfig:
         """Keys (``section.key``) whose value in a stored config dict differs from this config. Settings that do not
         change what is trained (progress bars, download permission) are ignored."""
         return [key for key, (a, b) in _flat_diff(self.to_dict(), stored).items() if key not in _COSMETIC]
-
-    def __post_init__(self):
-        if self.task in DATA_CONFIGS and not isinstance(self.data, DATA_CONFIGS[self.task]):
-            self.data = DATA_CONFIGS[self.task]()  # defaults of the task's own data section
 
     @property
     def dataset_name(self) -> str:
@@ -138,7 +277,45 @@ class RunConfig:
         return Path(self.output_dir) / name
 
 
-DATA_CONFIGS = {"classification": DataConfig, "segmentation": SegmentationDataConfig}
+@dataclass
+class ClassificationRunConfig(RunConfig):
+    """A classification run (MedMNIST).
+
+    Args:
+        task: classification.
+        data: the MedMNIST data section.
+    """
+
+    task: Literal["classification"] = "classification"
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class SegmentationRunConfig(RunConfig):
+    """A segmentation run (MSD task or paired 2D folder).
+
+    Args:
+        task: segmentation.
+        data: the segmentation data section.
+    """
+
+    task: Literal["segmentation"] = "segmentation"
+    data: SegmentationDataConfig = field(default_factory=SegmentationDataConfig)
+
+
+#: The run class (and so the data schema) of each task.
+RUN_CONFIGS: dict[str, type[RunConfig]] = {
+    "classification": ClassificationRunConfig,
+    "segmentation": SegmentationRunConfig,
+}
+
+
+def _data_section(cls: type[RunConfig]) -> type:
+    return next(f.default_factory for f in fields(cls) if f.name == "data")
+
+
+#: The data section class of each task.
+DATA_CONFIGS: dict[str, type] = {task: _data_section(cls) for task, cls in RUN_CONFIGS.items()}
 
 _COSMETIC = {"trainer.progress", "data.download", "data.num_workers", "trainer.log_every_n_steps"}
 
@@ -159,93 +336,138 @@ def _normalise(value: Any) -> Any:
     return [_normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def _is_dataclass_type(tp) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+# -- parsing ----------------------------------------------------------------------------------------------------------
+def run_parser(task: str = "classification", prog: str = "medboost train"):
+    """The jsonargparse parser of one task's run config: ``-c RECIPE``, ``--section.key VALUE``, ``--print_config``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    if task not in RUN_CONFIGS:
+        raise ConfigError(f"task: unknown task {task!r}; known: {', '.join(RUN_CONFIGS)}")
+    parser = ArgumentParser(
+        prog=prog,
+        description=f"Train a {task} model from a YAML recipe; any key can be overridden with --section.key VALUE. "
+        "medboost train also takes --no-resume (start over, ignoring checkpoints/last.ckpt), --dry-run (check the "
+        "data, model and settings on one training and one validation batch, writing nothing) and --verbose (show "
+        "every library message).",
+        exit_on_error=False,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "-c", "--config", action=ActionConfigFile, help="a YAML recipe, e.g. configs/r-llm/breastmnist.yaml"
+    )
+    parser.add_class_arguments(RUN_CONFIGS[task], None, fail_untyped=True)
+    return parser
 
 
-def _build(cls, values: Any, where: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    kwargs = {}
-    for key, value in values.items():
-        tp = hints[key]
-        if cls is RunConfig and key == "data":  # the data section's schema depends on the task
-            tp = DATA_CONFIGS.get(values.get("task", "classification"))
-            if tp is None:
-                raise ConfigError(f"{where}.task: unknown task {values['task']!r}; known: {', '.join(DATA_CONFIGS)}")
-        kwargs[key] = _build(tp, value, f"{where}.{key}") if _is_dataclass_type(tp) else _coerce(tp, value, where, key)
-    return cls(**kwargs)
+def parse_run_args(argv: Sequence[str]) -> RunConfig:
+    """A run config from command-line arguments (``-c recipe.yaml --optim.lr 1e-4 ...``).
+
+    The recipe is validated on its own first, so that a bad value in it is reported with the file's name, then
+    together with the overrides. ``--help`` and ``--print_config`` print and exit as usual.
+    """
+    argv = list(argv)
+    recipe = _recipe_path(argv)
+    task = _task(argv, recipe)
+    parser = run_parser(task)
+    if recipe is not None and not any(a in ("-h", "--help") for a in argv):
+        _parse(parser, ["--config", str(recipe)], str(recipe), task)
+    return _parse(parser, argv, "command line" if recipe is None else f"{recipe} + command line", task)
 
 
-def _coerce(tp, value, where: str, key: str):
-    """Light type checking of scalars: ints where floats are expected are fine; strings are not numbers."""
-    origin = typing.get_origin(tp)
-    allowed = typing.get_args(tp) if origin in (typing.Union, types.UnionType) else (tp,)
-    if value is None:
-        if type(None) in allowed or tp is Any:
-            return None
-        raise ConfigError(f"{where}.{key}: must not be null")
-    for option in allowed:
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is float and isinstance(value, str):
-            try:  # YAML 1.1 reads "5e-4" (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        if option in (int, str, bool) and type(value) is option:
-            return value
-        if option is Any or typing.get_origin(option) in (list, dict) or option in (list, dict):
-            return value
-    names = ", ".join(getattr(a, "__name__", str(a)) for a in allowed)
-    raise ConfigError(f"{where}.{key}: expected {names}, got {value!r}")
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A run config from a YAML recipe (or the defaults) and dotted overrides like ``{"optim.lr": 1e-4}``, checked
+    by the same parser as the command line."""
+    argv = [] if path is None else ["--config", str(path)]
+    for key, value in (overrides or {}).items():
+        # JSON is YAML: numbers, null, lists and dicts keep their type; strings go as they are (a quoted "5e-4"
+        # would stay a string where a float is expected).
+        argv.append(f"--{key}={value if isinstance(value, str) else json.dumps(value)}")
+    return parse_run_args(argv)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """A :class:`RunConfig` from a YAML recipe (or the defaults), then dotted overrides like ``{"optim.lr": 1e-4}``."""
-    values: dict[str, Any] = {}
-    where = "config"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
+def known_keys(cls: type = ClassificationRunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a run config class, e.g. ``["task", "data.dataset", ...]``."""
+    keys: list[str] = []
+    for f in fields(cls):
+        section = f.default_factory
+        if dataclasses.is_dataclass(section):
+            keys += known_keys(section, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _recipe_path(argv: list[str]) -> Path | None:
+    for i, token in enumerate(argv):
+        if token in ("-c", "--config") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith("--config="):
+            value = token.split("=", 1)[1]
+        else:
+            continue
+        path = Path(value)
         if not path.is_file():
             raise ConfigError(f"{path}: recipe not found")
+        return path
+    return None
+
+
+def _task(argv: list[str], recipe: Path | None) -> str:
+    """The task a run is for: the last ``--task`` on the command line, else the recipe's, else classification."""
+    task = "classification"
+    if recipe is not None:
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(recipe.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from err
-    for dotted, value in (overrides or {}).items():
-        node = values
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted}: {part} is not a section")
-        node[leaf] = value
-    return _build(RunConfig, values, where)
+            raise ConfigError(f"{recipe}: invalid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"{recipe}: a recipe is a mapping of sections, got {type(values).__name__}")
+        task = values.get("task", task)
+        # jsonargparse checks the keys inside sections; unknown top-level keys it would skip, so check them here.
+        top = [f.name for f in fields(RUN_CONFIGS.get(task, RunConfig))]
+        for key in values:
+            if key not in top:
+                raise ConfigError(f"{recipe}: {_unknown(str(key), top)}")
+    for i, token in enumerate(argv):
+        if token == "--task" and i + 1 < len(argv):
+            task = argv[i + 1]
+        elif token.startswith("--task="):
+            task = token.split("=", 1)[1]
+    return task
 
 
-def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """``["--optim.lr", "1e-4", "--trainer.devices=2"]`` -> ``{"optim.lr": 0.0001, "trainer.devices": 2}``
-    (values parsed as YAML, so numbers, booleans, lists and null work)."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--") or len(token) < 3:
-            raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key VALUE or --key VALUE")
-        if "=" in token:
-            key, raw = token[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(tokens):
-                raise ConfigError(f"override {token} has no value")
-            key, raw = token[2:], tokens[i + 1]
-            i += 2
-        out[key.replace("-", "_")] = yaml.safe_load(raw)
-    return out
+def _parse(parser, argv: list[str], where: str, namespace_task: str) -> RunConfig:
+    try:
+        namespace = parser.parse_args(argv)
+    except argparse.ArgumentError as err:
+        raise ConfigError(f"{where}: {_explain(str(err), namespace_task)}") from None
+    namespace.pop("config", None)
+    sections = parser.instantiate(namespace)
+    cls = RUN_CONFIGS[namespace.task]
+    return cls(**{f.name: sections[f.name] for f in fields(cls)})
+
+
+_UNKNOWN = (
+    re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
+    re.compile(r"unrecognized arguments: --(?P<key>[\w.-]+)"),
+    re.compile(r"Key '(?P<key>[\w.]+)' is not expected"),
+)
+
+
+def _explain(message: str, task: str) -> str:
+    """jsonargparse's message on one line, with the closest valid key when a key is unknown."""
+    message = re.sub(r"a <class '(\w+)'>", r"\1", " ".join(message.split()))
+    for pattern in _UNKNOWN:
+        match = pattern.search(message)
+        if match:
+            key = match.group("key").replace("-", "_")
+            if match.groupdict().get("group"):
+                key = f"{match.group('group')}.{key}"
+            return _unknown(key, known_keys(RUN_CONFIGS[task]))
+    return re.sub(r'^Parser key "([\w.]+)": ', r"\1: ", message)
+
+
+def _unknown(key: str, keys: list[str]) -> str:
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; medboost train --help lists every key"
+    return f"unknown key {key}{hint}"
