@@ -7,15 +7,18 @@ checkpoint, and returns what it measured.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar, WeightAveraging
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from medboost.engine.config import RunConfig
 from medboost.engine.records import write_json
@@ -55,6 +58,56 @@ class EpochTimer(Callback):
         }
 
 
+class EpochHistory(Callback):
+    """Every epoch's epoch-level metrics (training loss, validation metrics, learning rate), kept across resumes.
+
+    The rows travel inside the checkpoints (Lightning stores a callback's ``state_dict``), so a run killed mid-epoch
+    and resumed from ``last.ckpt`` still reports every epoch, and ``logs/metrics.csv`` is rewritten whole after each
+    epoch from them. (Lightning's CSVLogger deletes the previous file on resume, and buffers rows that a ``kill -9``
+    loses.) Rows are recorded at the end of the training epoch, after validation and before the checkpoints of that
+    epoch are written.
+    """
+
+    def __init__(self, csv_path: Path | None = None):
+        self.rows: list[dict[str, float]] = []
+        self.csv_path = csv_path
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        metrics = trainer.callback_metrics
+        for key, value in sorted(metrics.items()):
+            if key.endswith("_step") or f"{key}_epoch" in metrics:
+                continue  # the last batch's value, not the epoch's (which is also there, as KEY_epoch)
+            row[key] = float(value)
+        if trainer.optimizers:
+            row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+        if self.csv_path is not None and trainer.is_global_zero:
+            self._write_csv()
+
+    def _write_csv(self) -> None:
+        keys = list(dict.fromkeys(k for row in self.rows for k in row))
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows({k: ("" if _nan(v) else v) for k, v in row.items()} for row in self.rows)
+        tmp.replace(self.csv_path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
+
+def _nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 def build_trainer(cfg: RunConfig, run_dir: Path, monitor: str, mode: str, extra_callbacks: list[Callback] = ()):
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}", monitor=monitor, mode=mode, save_top_k=1
@@ -72,27 +125,16 @@ def build_trainer(cfg: RunConfig, run_dir: Path, monitor: str, mode: str, extra_
         from lightning.pytorch.callbacks import EMAWeightAveraging
 
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
-    loggers = [
-        CSVLogger(run_dir, name="logs", version=""),
-        TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
-    ]
+    if t.progress:
+        callbacks.append(RichProgressBar(leave=True))  # one bar per epoch, with its metrics
     trainer = L.Trainer(
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
+        **t.lightning_kwargs(),
         callbacks=callbacks,
-        logger=loggers,
+        logger=TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
         gradient_clip_val=cfg.optim.grad_clip,
-        limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        deterministic=t.deterministic,
         default_root_dir=run_dir,
     )
     return trainer, checkpoint
@@ -113,18 +155,31 @@ def fit_and_test(
     uninterrupted run).
     """
     run_dir = cfg.run_dir
+    new_folder = not run_dir.exists()
     guard_run_dir(cfg, resume)
-    timer = EpochTimer()
-    trainer, checkpoint = build_trainer(cfg, run_dir, monitor, mode, [timer, *callbacks])
+    timer, history = EpochTimer(), EpochHistory(run_dir / "logs" / "metrics.csv")
     last = run_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if resume and last.is_file() else None
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer, checkpoint = build_trainer(cfg, run_dir, monitor, mode, [timer, history, *callbacks])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException:
+        # A run that failed before its first checkpoint (bad data found by a loader, a shape error) leaves no folder
+        # behind; a folder with a checkpoint is kept for resuming, and a folder that existed before is never touched.
+        if new_folder and module.global_rank == 0 and not any((run_dir / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     fit_seconds = time.perf_counter() - start
+    rows = list(history.rows)  # before test: loading the best checkpoint also restores the callbacks' older state
+    # With EMA the selected checkpoint's weights are the averaged ones; Lightning's EMA callback would load the raw
+    # weights back over them when the checkpoint is restored for test, so test (and the saved model) runs without it.
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
     best = checkpoint.best_model_path or None
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     best_score = checkpoint.best_model_score
     return {
+        "history": rows,
         "trainer": trainer,
         "best_checkpoint": best,
         "best_epoch": _epoch_from_path(best),
@@ -135,6 +190,26 @@ def fit_and_test(
         "fit_seconds": fit_seconds,
         **timer.summary(),
     }
+
+
+def dry_run(cfg: RunConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """Check a run end to end without writing anything: the trainer settings are validated by building the Trainer
+    the run would use, then one training batch (forward, loss, backward, optimiser step) and one validation batch run
+    on one device (Lightning's ``fast_dev_run``: no checkpoints, no logs, no run folder)."""
+    L.Trainer(**cfg.trainer.lightning_kwargs(), logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    t = cfg.trainer
+    trainer = L.Trainer(
+        fast_dev_run=1,
+        accelerator=t.accelerator,
+        devices=1,
+        precision=t.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=cfg.optim.grad_clip,
+    )
+    trainer.fit(module, datamodule=datamodule)
 
 
 def guard_run_dir(cfg: RunConfig, resume: bool = True) -> None:
@@ -182,10 +257,12 @@ def _epoch_from_path(path: str | None) -> int | None:
 
 
 def start_run(cfg: RunConfig) -> float:
-    """Use every core for intra-op work (PyTorch may default lower inside containers) and seed every RNG (model
-    initialisation draws from them before the first epoch). Returns the start time."""
+    """Use every core for intra-op work (PyTorch may default lower inside containers) unless the user chose a thread
+    count with ``OMP_NUM_THREADS``, and seed every RNG (model initialisation draws from them before the first epoch).
+    Returns the start time."""
     import os
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return time.perf_counter()

@@ -59,36 +59,30 @@ def input_spec(cfg: RunConfig, dm: MedMNISTDataModule) -> dict[str, Any]:
     }
 
 
+def prepare(cfg: RunConfig) -> tuple[MedMNISTDataModule, Any, ClassificationTask]:
+    """The checked data, the model sized for it, and the training task: everything a run needs before training."""
+    dm = build_datamodule(cfg)
+    dm.setup()
+    model = build_model(cfg, dm)
+    dm.test_every_epoch = cfg.report_best_test_epoch
+    return dm, model, ClassificationTask(model, dm.task, cfg.optim, cfg.loss, cfg.seed)
+
+
 def train_classifier(cfg: RunConfig, resume: bool = True, make_plots: bool = True, callbacks=()) -> dict[str, Any]:
     """Train ``cfg`` and write ``result.json``, ``model/`` (loadable with ``load_pretrained``) and plots to the run
     folder. Returns the result record."""
     started = start_run(cfg)
-    dm = build_datamodule(cfg)
-    dm.setup()
-    model = build_model(cfg, dm)
-    task = ClassificationTask(
-        model,
-        dm.task,
-        cfg.optim,
-        cfg.loss,
-        cfg.trainer.max_epochs,
-        cfg.seed,
-        test_every_epoch=cfg.report_best_test_epoch,
-    )
-    dm.test_every_epoch = cfg.report_best_test_epoch
+    dm, model, task = prepare(cfg)
     outcome = fit_and_test(cfg, task, dm, monitor="val_auc", mode="max", resume=resume, callbacks=list(callbacks))
     trainer = outcome.pop("trainer")
     run_dir = cfg.run_dir
-    result: dict[str, Any] = {
-        **run_record(cfg, dm.record(), model, outcome),
-        "history": task.history,
-    }
+    result: dict[str, Any] = run_record(cfg, dm.record(), model, outcome)
     if trainer.is_global_zero and hasattr(task, "test_outputs"):
         labels, scores = task.test_outputs["labels"], task.test_outputs["scores"]
         names = list(dm.info.labels)
         result["test_report"] = classification_report(labels, scores, dm.task, label_names=names)
-        if cfg.report_best_test_epoch and task.history:
-            best = max(task.history, key=lambda e: e.get("test_auc", float("-inf")))
+        if cfg.report_best_test_epoch and result["history"]:
+            best = max(result["history"], key=lambda e: e.get("test_auc", float("-inf")))
             result["best_test_epoch_for_comparison_only"] = best
         save_pretrained(
             model,

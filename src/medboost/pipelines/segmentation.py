@@ -49,14 +49,6 @@ def build_model(cfg: RunConfig, dm: SegmentationDataModule):
     return create_model(cfg.model.name, **{**kwargs, **cfg.model.kwargs})
 
 
-def grid_spacing(cfg: RunConfig, dm: SegmentationDataModule) -> tuple[float, ...]:
-    """Voxel size (mm) of the grid the metrics are computed on: the resampling target, else the first case's own."""
-    if cfg.data.spacing:
-        return tuple(cfg.data.spacing)
-    affine = dm.case_info("test", 0).affine
-    return tuple(float(v) for v in np.linalg.norm(affine[: dm.spatial_dims, : dm.spatial_dims], axis=0))
-
-
 def prediction_writer(dm: SegmentationDataModule, folder: Path, names: list[str]):
     """Write each test prediction in its source file's grid (NIfTI with the input's affine, or a PNG mask) plus an
     overlay of image, ground truth and prediction."""
@@ -80,32 +72,36 @@ def prediction_writer(dm: SegmentationDataModule, folder: Path, names: list[str]
     return write
 
 
-def train_segmenter(cfg: RunConfig, resume: bool = True, callbacks=()) -> dict[str, Any]:
-    """Train ``cfg`` (task: segmentation); write ``result.json``, ``model/``, ``predictions/`` to the run folder."""
-    started = start_run(cfg)
+def prepare(cfg: RunConfig, predictions: Path | None = None) -> tuple[SegmentationDataModule, Any, SegmentationTask]:
+    """The checked data, the model sized for it, and the training task (writing test predictions to
+    ``predictions`` when given): everything a run needs before training."""
     dm = build_datamodule(cfg)
     dm.setup()
     model = build_model(cfg, dm)
-    run_dir = cfg.run_dir
-    writer = prediction_writer(dm, run_dir / "predictions", dm.label_names) if cfg.data.write_predictions else None
     task = SegmentationTask(
         model,
         dm.num_classes,
         dm.roi_size,
         cfg.optim,
-        cfg.trainer.max_epochs,
         cfg.seed,
         class_names=dm.label_names,
-        spacing=grid_spacing(cfg, dm),
+        spacings=dm.grid_spacings("test"),
         sw_overlap=cfg.data.sw_overlap,
-        on_prediction=writer,
+        on_prediction=prediction_writer(dm, predictions, dm.label_names) if predictions else None,
     )
+    return dm, model, task
+
+
+def train_segmenter(cfg: RunConfig, resume: bool = True, callbacks=()) -> dict[str, Any]:
+    """Train ``cfg`` (task: segmentation); write ``result.json``, ``model/``, ``predictions/`` to the run folder."""
+    started = start_run(cfg)
+    run_dir = cfg.run_dir
+    dm, model, task = prepare(cfg, predictions=run_dir / "predictions" if cfg.data.write_predictions else None)
     outcome = fit_and_test(cfg, task, dm, monitor="val_dice", mode="max", resume=resume, callbacks=list(callbacks))
     trainer = outcome.pop("trainer")
     result: dict[str, Any] = {
         **run_record(cfg, dm.record(), model, outcome),
         "test_metrics": task.test_metrics,
-        "history": task.history,
     }
     if trainer.is_global_zero:
         save_pretrained(

@@ -8,6 +8,7 @@ from torch import nn
 
 from medboost.engine.config import OptimConfig
 from medboost.engine.optim import build_optimizer, build_scheduler
+from medboost.errors import TrainingError
 
 
 class TaskModule(L.LightningModule):
@@ -17,11 +18,10 @@ class TaskModule(L.LightningModule):
     duplicates from a distributed sampler are dropped and every sample counts exactly once.
     """
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, max_epochs: int, seed: int = 0):
+    def __init__(self, model: nn.Module, optim: OptimConfig, seed: int = 0):
         super().__init__()
         self.model = model
         self.optim_config = optim
-        self.max_epochs = max_epochs
         self.seed = seed
         self._collected: dict[str, list[tuple[torch.Tensor, ...]]] = {}
 
@@ -32,6 +32,14 @@ class TaskModule(L.LightningModule):
         # Augmentation, dropout and mixing draw from the global RNG: seeding it per (epoch, rank) makes epoch k
         # identical whether the run started at 0 or was resumed from a checkpoint at k.
         torch.manual_seed(self.seed * 1_000_003 + self.current_epoch * 1_009 + self.global_rank)
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop with a clear message at the first non-finite training loss (never train on silently)."""
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}: "
+                "lower optim.lr, set optim.grad_clip, or check the data for extreme values"
+            )
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_config)

@@ -51,15 +51,11 @@ class ClassificationTask(TaskModule):
         task: str,
         optim: OptimConfig,
         loss: LossConfig,
-        max_epochs: int,
         seed: int = 0,
-        test_every_epoch: bool = False,
     ):
-        super().__init__(model, optim, max_epochs, seed)
+        super().__init__(model, optim, seed)
         self.task = normalize_task(task)
         self.loss_config = loss
-        self.test_every_epoch = test_every_epoch
-        self.history: list[dict] = []
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.task == "multi-label":
@@ -75,8 +71,7 @@ class ClassificationTask(TaskModule):
             loss = lam * self._loss(logits, y) + (1 - lam) * self._loss(logits, y[perm])
         else:
             loss = self._loss(self(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at epoch {self.current_epoch}")
+        self.check_finite(loss)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
 
@@ -105,7 +100,6 @@ class ClassificationTask(TaskModule):
         if self.trainer.sanity_checking:
             self._collected.clear()
             return
-        entry = {"epoch": self.current_epoch}
         for stage, prefix in (("val", "val"), ("test_each_epoch", "test")):
             result = self._metrics(stage)
             if result is None:
@@ -113,8 +107,6 @@ class ClassificationTask(TaskModule):
             metrics, _ = result
             for name, value in metrics.items():
                 self.log(f"{prefix}_{name}", value, prog_bar=prefix == "val", sync_dist=False)
-                entry[f"{prefix}_{name}"] = value
-        self.history.append(entry)
 
     def on_test_epoch_end(self) -> None:
         result = self._metrics("test")

@@ -28,7 +28,9 @@ class SegmentationTask(TaskModule):
 
     The loss is the soft (differentiable) Dice plus cross-entropy over all classes; the public MedVisionLlama code's
     Dice on thresholded predictions has no gradient and is not used. ``on_prediction(split, index, image, labels)`` is
-    called for every test image (writing NIfTI/PNG predictions and overlays).
+    called for every test image (writing NIfTI/PNG predictions and overlays). ``spacings`` are the voxel sizes (mm) of
+    the test images as served, by dataset index: surface distances (HD95, NSD) are measured in each image's own grid
+    (in voxels when None).
     """
 
     def __init__(
@@ -37,30 +39,27 @@ class SegmentationTask(TaskModule):
         num_classes: int,
         roi_size: Sequence[int],
         optim: OptimConfig,
-        max_epochs: int,
         seed: int = 0,
         class_names: Sequence[str] | None = None,
-        spacing=None,
+        spacings: Sequence[Sequence[float]] | None = None,
         sw_overlap: float = 0.5,
         on_prediction: Callable | None = None,
     ):
-        super().__init__(model, optim, max_epochs, seed)
+        super().__init__(model, optim, seed)
         self.num_classes = num_classes
         self.roi_size = tuple(roi_size)
         self.class_names = list(class_names) if class_names else None
-        self.spacing = spacing
+        self.spacings = [tuple(s) for s in spacings] if spacings is not None else None
         self.sw_overlap = sw_overlap
         self.on_prediction = on_prediction
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.history: list[dict] = []
         self.test_metrics: dict | None = None
         self._test_rows: list[dict] = []  # per (volume, class) metric rows of this process
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         loss = self.loss(self(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at epoch {self.current_epoch}")
+        self.check_finite(loss)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
 
@@ -85,14 +84,15 @@ class SegmentationTask(TaskModule):
         pred = self.predict_labels(x)
         metrics = SegmentationMetrics(**self._metric_config())
         # Volume ids are dataset indices, so padded duplicates from a distributed sampler can be recognised.
-        metrics.update(pred, y, ids=index.tolist())
+        spacing = [self.spacings[i] for i in index.tolist()] if self.spacings is not None else None
+        metrics.update(pred, y, ids=index.tolist(), spacing=spacing)
         self._test_rows.extend(metrics.per_volume_rows())
         if self.on_prediction is not None:
             for b, i in enumerate(index.tolist()):
                 self.on_prediction("test", i, x[b].cpu(), y[b].cpu(), pred[b].cpu())
 
     def _metric_config(self) -> dict:
-        return {"num_classes": self.num_classes, "spacing": self.spacing, "class_names": self.class_names}
+        return {"num_classes": self.num_classes, "class_names": self.class_names}
 
     def _aggregate_test(self) -> dict:
         rows, self._test_rows = self._test_rows, []
@@ -111,10 +111,8 @@ class SegmentationTask(TaskModule):
         per_class = dice.nanmean(dim=0)
         mean = float(per_class.nanmean())
         self.log("val_dice", mean, prog_bar=True)
-        entry = {"epoch": self.current_epoch, "val_dice": mean}
         for c, value in enumerate(per_class.tolist(), start=1):
-            entry[f"val_dice_{self.class_names[c] if self.class_names else c}"] = value
-        self.history.append(entry)
+            self.log(f"val_dice_{self.class_names[c] if self.class_names else c}", value)
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics = self._aggregate_test()
