@@ -7,9 +7,11 @@ import importlib.util
 import pytest
 import torch
 from tiny_models import tiny_config
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from medboost.errors import BlockLoadError
+from medboost.llm import causal_lm
 from medboost.llm.causal_lm import load_causal_lm, load_tokenizer
 
 
@@ -40,6 +42,25 @@ def test_bf16_load_equals_transformers_bf16_load_exactly(tmp_path, model_type):
     ids = torch.randint(0, 128, (2, 40))
     with torch.no_grad():
         assert torch.equal(ours(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_loading_replaces_no_torch_function(tmp_path, monkeypatch):
+    # Other threads (a notebook, a data loader) build modules while a model loads: they must get torch's own
+    # register_parameter and init functions, so the meta device is a scoped context, never a patch of torch.
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(tmp_path)
+    originals = (nn.Module.register_parameter, torch.nn.init.normal_, torch.nn.init.kaiming_uniform_)
+    seen = []
+
+    class Spy:
+        @staticmethod
+        def from_config(config):
+            seen.append((nn.Module.register_parameter, torch.nn.init.normal_, torch.nn.init.kaiming_uniform_))
+            return AutoModelForCausalLM.from_config(config)
+
+    monkeypatch.setattr(causal_lm, "AutoModelForCausalLM", Spy)
+    model = load_causal_lm(str(tmp_path))
+    assert seen == [originals]
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
 def test_encoder_checkpoints_are_refused(tmp_path):

@@ -73,7 +73,7 @@ class FrozenBlock(nn.Module):
         attn = getattr(layer, "self_attn", None)
         if attn is not None and hasattr(attn, "is_causal"):
             attn.is_causal = False
-        self.rotary = arch.rotary_cls(config) if rope and arch.rotary_cls is not None else None
+        self.rotary = self._build_rotary(layer, config, arch) if rope and arch.rotary_cls is not None else None
         self._rotary_takes_layer_type = self.rotary is not None and (
             "layer_type" in inspect.signature(self.rotary.forward).parameters
         )
@@ -83,6 +83,14 @@ class FrozenBlock(nn.Module):
             final_norm.to(dtype)
         self.frozen = False
         self.set_frozen(frozen)
+
+    @staticmethod
+    def _build_rotary(layer: nn.Module, config: PretrainedConfig, arch: Architecture) -> nn.Module:
+        # The frequencies are computed from the config, never loaded: on a layer built on the meta device (weights to
+        # be assigned, as load_pretrained does) they are made on the CPU, so that they exist once the weights arrive.
+        device = next(layer.parameters()).device
+        with torch.device("cpu" if device.type == "meta" else device):
+            return arch.rotary_cls(config)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -7,7 +7,6 @@ interface the single-layer path uses, so every format (GGUF, safetensors folder 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from medboost.errors import BlockLoadError
 from medboost.llm.architectures import architecture_for, text_config
-from medboost.llm.load import open_reader
+from medboost.llm.load import meta_tensors, open_reader
 from medboost.llm.readers import CheckpointReader
 
 
@@ -37,7 +36,9 @@ def load_causal_lm(
         if arch.kind != "decoder":
             raise BlockLoadError(f"{reader.source}: {config.model_type} is an encoder, not a causal language model")
         config._attn_implementation = arch.attn_implementation
-        with _parameters_on_meta():
+        # The meta device is a thread-local context, not a patch of torch: parameters cost no memory (and their random
+        # init no time) until the checkpoint's tensors are assigned below.
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         names = reader.tensor_names()
         # Cast the weights, not the model: buffers the constructors computed (rotary frequencies, Gemma's embedding
@@ -52,6 +53,7 @@ def load_causal_lm(
             raise BlockLoadError(f"{reader.source}: the checkpoint does not fit {type(model).__name__}: {err}") from err
         if tied:
             model.tie_weights()
+        _compute_buffers(model, reader.source)
     return freeze(model) if frozen else model
 
 
@@ -62,29 +64,23 @@ def _embedding_name(state: dict, source: str) -> str:
     raise BlockLoadError(f"{source}: no token embedding found to tie the LM head to")
 
 
-@contextmanager
-def _parameters_on_meta():
-    """Build a model with its parameters on the meta device but its buffers real.
-
-    Non-persistent buffers (rotary frequencies, Gemma's embedding scale) are not in checkpoints and must be computed
-    by the modules' constructors; parameters are about to be replaced by the checkpoint's, so each one is moved to
-    meta as soon as it is registered (weight initialisation is skipped): peak memory stays one parameter, not a model.
+def _compute_buffers(model: PreTrainedModel, source: str) -> None:
+    """Compute the buffers checkpoints do not hold (rotary frequencies, Gemma's embedding scale), left empty on the
+    meta device, as transformers' own load does: with the model's ``_init_weights`` on the modules that own them.
+    Their loaded parameters are flagged as initialised, which transformers' init functions honour, so they are kept.
     """
-    from transformers.initialization import no_init_weights
-
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        with no_init_weights():
-            yield
-    finally:
-        nn.Module.register_parameter = register
+    for module in model.modules():
+        empty = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
+        if not empty:
+            continue
+        for name in empty:
+            setattr(module, name, torch.empty_like(getattr(module, name), device="cpu"))
+        for param in module.parameters(recurse=False):
+            param._is_hf_initialized = True
+        model._init_weights(module)
+    left = meta_tensors(model)
+    if left:
+        raise BlockLoadError(f"{source}: tensors neither in the checkpoint nor computed: {', '.join(left)}")
 
 
 def load_tokenizer(source: str | Path):

@@ -93,8 +93,13 @@ def _load_module(module: nn.Module, reader: CheckpointReader, prefix: str, what:
     return names
 
 
+def meta_tensors(module: nn.Module) -> list[str]:
+    """The parameters and buffers of ``module`` still on the meta device: declared, never given values."""
+    return [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+
+
 def _check_materialised(module: nn.Module, source: str) -> None:
-    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    left = meta_tensors(module)
     if left:
         raise BlockLoadError(f"{source}: tensors missing from the checkpoint: {', '.join(left)}")
 
@@ -109,12 +114,14 @@ def read_layer(
     index = resolve_layer_index(config, layer, reader.source)
     names = set(reader.tensor_names())
     if random_init:
-        # Same shapes, fresh weights: the random-block control. Only the config is needed.
+        # Same shapes, fresh weights: the random-block control. Only the config is needed. Built on the current
+        # default device: the CPU, or the meta device when load_pretrained only needs the shapes (no draws then).
+        device = torch.get_default_device()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            module = build_layer(config, index, device="cpu")
+            module = build_layer(config, index, device=device)
             randomly_initialise(module, std=getattr(config, "initializer_range", 0.02))
-        norm = build_final_norm(config, device="cpu") if final_norm else None
+        norm = build_final_norm(config, device=device) if final_norm else None
         return LoadedLayer(module, norm, arch, index, [], time.perf_counter() - start)
 
     prefix = find_prefix(names, arch.layer_prefixes, f".{index}.")

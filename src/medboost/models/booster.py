@@ -11,13 +11,16 @@ identity (``init="none"``: the MLP-only control ``x + M2(M1 x)``), or the unfroz
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from medboost.errors import ConfigError
 from medboost.llm import BlockSpec, build_block
+from medboost.models.vit import ViT
 
 RESIDUAL_MODES = ("none", "inner", "outer", "hybrid")
 
@@ -109,3 +112,29 @@ class LLMBooster(nn.Module):
             h = h + z
         out = self.m2(h)
         return x + out if self.residual in ("outer", "hybrid") else out
+
+
+_VIT_OPTIONS = frozenset(inspect.signature(ViT).parameters) - {"inserts"}
+
+
+class BoostedViT(nn.Module):
+    """What the ViT classifier and segmenter share: ``self.encoder``, a :class:`ViT` with an :class:`LLMBooster`
+    (when ``arguments["booster"]`` is set) run after its block ``booster.position``.
+
+    ``arguments`` are the subclass's own (its ``locals()``): the ViT's options are picked from them by name, so each
+    is declared once, with its default, in the subclass's signature, and wired to the ViT here for both. ``fixed``
+    are ViT options the subclass derives itself (``cls_token``).
+    """
+
+    def __init__(self, arguments: dict[str, Any], **fixed: Any):
+        super().__init__()
+        booster = arguments["booster"]
+        if isinstance(booster, dict):
+            booster = BoosterConfig(**booster)
+        inserts = {booster.position: LLMBooster.from_config(arguments["dim"], booster)} if booster else None
+        options = {name: value for name, value in arguments.items() if name in _VIT_OPTIONS}
+        self.encoder = ViT(**options, **fixed, inserts=inserts)
+
+    @property
+    def booster(self) -> LLMBooster | None:
+        return next(iter(self.encoder.inserts.values()), None)

@@ -8,16 +8,16 @@ import torch
 from torch import nn
 
 from medboost.errors import ConfigError
-from medboost.models.booster import BoosterConfig, LLMBooster
-from medboost.models.vit import ViT
+from medboost.models.booster import BoostedViT, BoosterConfig
 
 
-class ViTClassifier(nn.Module):
+class ViTClassifier(BoostedViT):
     """ViT encoder -> pooled token -> linear head; with ``booster`` set, an :class:`LLMBooster` runs after the ViT
-    block at ``booster.position`` (R-LLM: after the last block, before the final norm)."""
+    block at ``booster.position`` (R-LLM: after the last block, before the final norm). Arguments are keyword-only."""
 
     def __init__(
         self,
+        *,
         spatial_dims: int = 2,
         in_channels: int = 1,
         num_classes: int = 2,
@@ -32,35 +32,13 @@ class ViTClassifier(nn.Module):
         pool: str = "cls",
         booster: BoosterConfig | dict | None = None,
     ):
-        super().__init__()
         if pool not in ("cls", "mean"):
             raise ConfigError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        if isinstance(booster, dict):
-            booster = BoosterConfig(**booster)
+        super().__init__(locals(), cls_token=pool == "cls")
         self.pool = pool
-        self.booster_config = booster
-        inserts = {booster.position: LLMBooster.from_config(dim, booster)} if booster else None
-        self.encoder = ViT(
-            spatial_dims,
-            in_channels,
-            img_size,
-            patch_size,
-            dim,
-            depth,
-            heads,
-            mlp_ratio,
-            drop,
-            drop_path,
-            cls_token=pool == "cls",
-            inserts=inserts,
-        )
         self.head = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-
-    @property
-    def booster(self) -> LLMBooster | None:
-        return next(iter(self.encoder.inserts.values()), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder(x)

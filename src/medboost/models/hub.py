@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from medboost.errors import ConfigError
+from medboost.llm.load import meta_tensors
 from medboost.models.booster import BoosterConfig
 from medboost.models.registry import create_model
 
@@ -63,7 +64,11 @@ def read_model_config(folder: str | Path) -> dict:
 
 
 def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_pretrained`, in eval mode."""
+    """Rebuild a model saved by :func:`save_pretrained`, in eval mode, on ``map_location``.
+
+    The model is built on the meta device (shapes only: no memory, no random init) and the saved tensors are assigned
+    to it, so loading holds one copy of the weights, as read from ``model.safetensors``.
+    """
     from medboost.llm.readers.memory import StateDictReader
 
     folder = Path(folder)
@@ -71,20 +76,29 @@ def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu"
     kwargs = record["kwargs"]
     booster = BoosterConfig(**kwargs["booster"]).to_dict() if kwargs.get("booster") else None
     if booster and booster["block"]["init"] != "none" and "llm_config" in record:
-        # Rebuild the block's structure from the stored config; its weights come from model.safetensors below.
+        # Rebuild the block's structure from the stored config (a random block, built on the meta device below, so
+        # nothing is drawn); its weights come from model.safetensors.
         llm = record["llm_config"]
         config = AutoConfig.for_model(llm.pop("model_type"), **llm)
         spec = dict(booster["block"], source=StateDictReader(config, {}, source=str(folder)), init="random")
         kwargs = dict(kwargs, booster=dict(booster, block=spec))
-    model = create_model(record["medboost_model"], **kwargs)
-    model.medboost_config = {"name": record["medboost_model"], "kwargs": record["kwargs"]}
     weights = folder / WEIGHTS_NAME
     try:
         state = load_file(weights, device=str(map_location))
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise ConfigError(f"{weights}: cannot read the model weights: {err}") from err
+    with torch.device("meta"):
+        model = create_model(record["medboost_model"], **kwargs)
+    model.medboost_config = {"name": record["medboost_model"], "kwargs": record["kwargs"]}
     try:
-        model.load_state_dict(state, strict=True)
+        # assign: the saved tensors become the parameters (keeping each parameter's requires_grad: frozen stays so).
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         raise ConfigError(f"{weights}: weights do not match the model in {CONFIG_NAME}: {err}") from err
-    return model.eval()
+    empty = meta_tensors(model)
+    if empty:
+        raise ConfigError(
+            f"{weights}: the model in {CONFIG_NAME} has tensors that are neither saved nor computed: {empty}"
+        )
+    # Computed buffers (rotary frequencies) were made on the CPU: bring them to the weights.
+    return model.to(map_location).eval()

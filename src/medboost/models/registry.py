@@ -68,7 +68,10 @@ def _vit(size: str, boosted: bool):
         if boosted and booster is None:
             booster = BoosterConfig()
         if not boosted and booster is not None:
-            raise ConfigError(f"vit_{size} has no booster; use vit_{size}_llm")
+            raise ConfigError(
+                f"vit_{size} has no booster, but the model arguments give one: use vit_{size}_llm, or drop the "
+                "block with --model.kwargs.booster null"
+            )
         return ViTClassifier(**{**VIT_SIZES[size], **kwargs}, booster=booster)
 
     return factory

@@ -25,8 +25,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from torch import nn
 
 from medboost.errors import ConfigError
-from medboost.models.booster import BoosterConfig, LLMBooster
-from medboost.models.vit import ViT, as_tuple
+from medboost.models.booster import BoostedViT, BoosterConfig
 
 
 class MultiScaleFusion(nn.Module):
@@ -48,7 +47,7 @@ class MultiScaleFusion(nn.Module):
         return self.norm(fused * gate)
 
 
-class ViTSegmenter(nn.Module):
+class ViTSegmenter(BoostedViT):
     """ViT encoder (optionally hybrid, optionally LLM-boosted) + UNETR-style decoder (optionally multi-scale fused).
 
     Args:
@@ -60,10 +59,13 @@ class ViTSegmenter(nn.Module):
         hybrid: hybrid (global + local) attention in every block.
         fusion: multi-scale fusion of encoder depths for the bottleneck.
         feature_size: decoder width at full resolution (doubles per stage).
+
+    Arguments are keyword-only.
     """
 
     def __init__(
         self,
+        *,
         spatial_dims: int = 3,
         in_channels: int = 1,
         num_classes: int = 2,
@@ -79,31 +81,13 @@ class ViTSegmenter(nn.Module):
         fusion: bool = False,
         feature_size: int = 16,
     ):
-        super().__init__()
         if patch_size not in (2, 4, 8, 16):
             raise ConfigError(f"patch_size must be 2, 4, 8 or 16 for the segmentation decoder, got {patch_size}")
-        if isinstance(booster, dict):
-            booster = BoosterConfig(**booster)
         stages = int(math.log2(patch_size))
         if depth < stages:
             raise ConfigError(f"depth {depth} is too shallow for patch_size {patch_size}: need >= {stages} blocks")
-        self.img_size = as_tuple(img_size, spatial_dims, "img_size")
-        self.booster_config = booster
-        inserts = {booster.position: LLMBooster.from_config(dim, booster)} if booster else None
-        self.encoder = ViT(
-            spatial_dims,
-            in_channels,
-            self.img_size,
-            patch_size,
-            dim,
-            depth,
-            heads,
-            mlp_ratio,
-            drop_path=drop_path,
-            cls_token=False,
-            inserts=inserts,
-            hybrid=hybrid,
-        )
+        super().__init__(locals(), cls_token=False)
+        self.img_size = self.encoder.patch_embed.img_size
         # Skip depths evenly spaced before the last block, deepest last (UNETR: blocks 3, 6, 9 of 12).
         self.skip_depths = [round(depth * (k + 1) / stages) - 1 for k in range(stages - 1)]
         self.fusion = MultiScaleFusion(dim, len(self.skip_depths) + 1) if fusion else None
@@ -132,10 +116,6 @@ class ViTSegmenter(nn.Module):
             self.ups.append(UnetrUpBlock(spatial_dims, in_ch, channels[level], 3, 2, norm, res_block=True))
             in_ch = channels[level]
         self.head = UnetOutBlock(spatial_dims, f, num_classes)
-
-    @property
-    def booster(self) -> LLMBooster | None:
-        return next(iter(self.encoder.inserts.values()), None)
 
     def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
         b, _, d = tokens.shape

@@ -1,4 +1,8 @@
-"""Figures for papers: training curves, ROC curves, confusion matrices, saliency overlays (matplotlib, Agg)."""
+"""Figures for papers: training curves, ROC curves, confusion matrices, saliency overlays (matplotlib).
+
+Figures are plain :class:`matplotlib.figure.Figure` objects drawn on an Agg canvas of their own: no pyplot, so the
+process's backend (a user's notebook, an interactive session) and pyplot's figure list are never touched.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,25 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG (making folders) and close it."""
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure outside pyplot, on its own Agg canvas (nothing to close: it is freed with its last reference)."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (making folders)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -40,7 +48,8 @@ def training_curves(
                 if row.get(k):
                     series[k][epoch] = float(row[k])
     present = [k for k in keys if series[k]]
-    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(3.2 * max(1, len(present)), 3))
+    fig = new_figure((3.2 * max(1, len(present)), 3))
+    axes = fig.subplots(1, max(1, len(present)))
     for ax, k in zip(np.atleast_1d(axes), present):
         epochs = sorted(series[k])
         ax.plot(epochs, [series[k][e] for e in epochs], marker=".")
@@ -53,7 +62,8 @@ def roc_curves(labels: np.ndarray, scores: np.ndarray, task: str, names: Sequenc
     """One-vs-rest ROC per class (binary: the positive class; multi-label: per label)."""
     labels = np.asarray(labels)
     scores = np.asarray(scores)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = new_figure((4.5, 4.5))
+    ax = fig.subplots()
     if task == "binary-class":
         positive = scores[:, -1] if scores.ndim == 2 else scores
         curves = [(names[-1] if names else "positive", labels.reshape(-1), positive)]
@@ -76,7 +86,8 @@ def roc_curves(labels: np.ndarray, scores: np.ndarray, task: str, names: Sequenc
 
 def confusion_matrix_plot(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str | Path) -> Path:
     m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.8 + 0.6 * len(names)))
+    fig = new_figure((1.0 + 0.6 * len(names), 0.8 + 0.6 * len(names)))
+    ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     ax.set_xticks(range(len(names)), [str(n)[:12] for n in names], rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(names)), [str(n)[:12] for n in names], fontsize=7)
@@ -92,7 +103,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, path: str | Path, title: str = 
     """Show a 2D image (H x W or H x W x 3, any range) with a heat map over it, side by side with the image alone."""
     img = np.asarray(image, dtype=float)
     img = (img - img.min()) / (np.ptp(img) or 1.0)
-    fig, axes = plt.subplots(1, 2, figsize=(5, 2.7))
+    fig = new_figure((5, 2.7))
+    axes = fig.subplots(1, 2)
     for ax in axes:
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
         ax.axis("off")

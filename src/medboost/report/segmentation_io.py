@@ -12,17 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import nibabel as nib
+import numpy as np
+import torch
+from matplotlib.patches import Patch
+from PIL import Image
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from medboost.errors import DataError  # noqa: E402
-from medboost.report.plots import save_figure  # noqa: E402
+from medboost.errors import DataError
+from medboost.report.plots import new_figure, save_figure
 
 __all__ = ["class_colour", "overlay_png", "write_nifti_like", "write_png_mask"]
 
@@ -112,7 +109,8 @@ def overlay_png(
         index = _pick_slice(truth, guess, axis) if slice_index is None else _check_slice(slice_index, img, axis)
         title = f"{title} (slice {index} along axis {axis % img.ndim})".strip()
         img, truth, guess = (np.take(a, index, axis=axis) for a in (img, truth, guess))
-    fig, axes = plt.subplots(1, 3, figsize=(9.5, 3.6))
+    fig = new_figure((9.5, 3.6))
+    axes = fig.subplots(1, 3)
     low, high = _window(img)
     for ax, labels, name in zip(axes, (None, truth, guess), ("image", "ground truth", "prediction")):
         ax.imshow(img, cmap="gray", vmin=low, vmax=high, interpolation="nearest")

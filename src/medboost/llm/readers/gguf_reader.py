@@ -309,13 +309,6 @@ class GGUFReader(CheckpointReader):
             raise BlockLoadError(f"{self.path}: no tensor named {hf_name!r} in this GGUF file")
         return self._by_hf_name[hf_name].name
 
-    def metadata_array(self, key: str) -> list:
-        """Decode one metadata array on demand (numbers or strings), e.g. ``tokenizer.ggml.tokens``."""
-        array = self.metadata.get(key)
-        if not isinstance(array, GGUFArray):
-            raise BlockLoadError(f"{self.path}: metadata {key!r} is not an array")
-        return self._decode_array(array)
-
     # -- internals --------------------------------------------------------------------------------------------------
 
     def _architecture(self) -> str:
