@@ -91,3 +91,50 @@ def make_2d(root: Path, n: int = 6, mask_dir: str = "masks") -> Path:
         write_png(root / "images" / f"{i}{suffix}", image)
         write_png(root / mask_dir / f"{i}.png", mask)
     return root
+
+
+# -- an easy (learnable) classification task -----------------------------------------------------------------------
+EASY_SPLITS = {"train": 48, "val": 16, "test": 16}
+TILE = 7  # period of the multi-class / multi-label texture (px)
+
+
+def easy_arrays(
+    info: DatasetInfo, size: int = 28, seed: int = 0, n_splits: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """:func:`synthetic_arrays` labels with images that show them, so that a few steps of training must score well.
+
+    Binary: the whole image is dark (class 0) or bright (class 1), a cue no flip, crop, rotation or intensity jitter
+    removes. Multi-class and multi-label: a texture with period ``TILE`` px on every axis, whose in-tile pixels
+    ``k`` with ``k % num_classes == j`` are bright when class/label ``j`` is present. Every patch of a ViT with a patch
+    size that is a multiple of ``TILE`` sees the same, linearly decodable code; but a crop or rotation shifts the
+    texture, so train these unaugmented.
+    """
+    splits = n_splits or EASY_SPLITS
+    arrays = synthetic_arrays(info, size, seed, splits)
+    rng = np.random.default_rng(seed + 1)
+    spatial = (size,) * info.spatial_dims
+    in_tile = np.ravel_multi_index(np.indices(spatial) % TILE, (TILE,) * info.spatial_dims) % info.num_classes
+    for split in splits:
+        labels = arrays[f"{split}_labels"]
+        n = len(labels)
+        active = labels.astype(bool) if info.is_multi_label else np.eye(info.num_classes, dtype=bool)[labels[:, 0]]
+        images = rng.integers(0, 64, size=(n, *spatial)).astype(np.uint8)
+        for i in range(n):
+            if info.task == "binary-class":
+                bright = np.full(spatial, bool(active[i, 1]))
+            else:
+                bright = np.isin(in_tile, np.flatnonzero(active[i]))
+            images[i] += np.uint8(160) * bright.astype(np.uint8)
+        if info.n_channels == 3 and not info.is_3d:
+            images = np.repeat(images[..., None], 3, axis=-1)
+        arrays[f"{split}_images"] = images
+    return arrays
+
+
+def write_easy_npz(folder: Path, name: str, size: int = 28, n_splits: dict[str, int] | None = None) -> Path:
+    """A MedMNIST-format file of :func:`easy_arrays` (the learnable counterpart of :func:`write_npz`)."""
+    info = get_info(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / info.file_name(size)
+    np.savez(path, **easy_arrays(info, size, n_splits=n_splits))
+    return path

@@ -34,17 +34,87 @@ def _kwargs(name: str, dims: int, reader) -> dict:
 SEGMENTERS = {"vit_seg", "medvisionllama", "unetr", "unet"}  # covered in test_segmentation_pipeline.py
 
 
+def _randomise_zero_inits(model: torch.nn.Module) -> None:
+    """Give the ViT head and the booster's ``M2`` non-zero values. Both start at zero (a boosted model starts as its
+    baseline), which makes every gradient upstream of them exactly zero before the first step: a backward pass through
+    the zero-initialised model passes whether or not the encoder and booster paths are intact."""
+    generator = torch.Generator().manual_seed(1)
+    booster = getattr(model, "booster", None)
+    for module in (getattr(model, "head", None), booster.m2 if booster is not None else None):
+        for p in module.parameters() if module is not None else ():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+
+
+def _input(name: str, dims: int) -> torch.Tensor:
+    # ResNets take any size (adaptive pooling): 16 px instead of 28 keeps the 3D ones cheap.
+    size = 28 if name.startswith("vit") else 16
+    return torch.randn(2, 1, *(size,) * dims, generator=torch.Generator().manual_seed(2))
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("name", sorted(set(list_models()) - SEGMENTERS))
 def test_every_registered_classifier_runs_forward_and_backward(name, dims, tiny_reader):
     torch.manual_seed(0)
     model = create_model(name, **_kwargs(name, dims, tiny_reader))
-    x = torch.randn(2, 1, *(28,) * dims)
-    out = model(x)
+    _randomise_zero_inits(model)
+    out = model(_input(name, dims))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
     out.sum().backward()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and all(p.grad is not None for p in trainable if p.dim() > 1)
+    named = dict(model.named_parameters())
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    frozen = [n for n, p in named.items() if not p.requires_grad]
+    assert trainable
+    # Every trainable tensor is on the path from the input to the output: its gradient is non-zero.
+    assert [n for n in trainable if named[n].grad is None or not named[n].grad.any()] == []
+    # Only the LLM block is frozen, and it accumulates no gradient at all.
+    assert all(n.startswith("encoder.inserts.1.block.") for n in frozen) and bool(frozen) == name.endswith("_llm")
+    assert [n for n in frozen if named[n].grad is not None] == []
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_frozen_block_is_on_the_boosted_path_and_passes_gradients_through(dims, tiny_reader):
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_llm", **_kwargs("vit_tiny_llm", dims, tiny_reader)).eval()
+    _randomise_zero_inits(model)
+    booster = model.booster
+    assert booster.residual == "outer"  # x + M2(norm(L(M1 x))): M1 reaches the output through the block only
+    x = _input("vit_tiny_llm", dims)
+    out = model(x)
+    out.sum().backward()
+    named = dict(model.named_parameters())
+    for prefix in (
+        "encoder.patch_embed.proj.",
+        "encoder.pos_embed",
+        "encoder.cls_token",
+        "encoder.blocks.0.",
+        "encoder.blocks.1.",
+        "encoder.inserts.1.m1.",
+        "encoder.inserts.1.norm.",
+        "encoder.inserts.1.m2.",
+        "encoder.norm.",
+        "head.",
+    ):
+        params = {n: p for n, p in named.items() if n.startswith(prefix)}
+        assert params and all(p.grad is not None and p.grad.any() for p in params.values()), prefix
+    block = dict(booster.block.named_parameters())
+    assert block and all(not p.requires_grad and p.grad is None for p in block.values())
+    m1_grad = booster.m1.weight.grad.clone()
+    # The block is really used: the output moves with its weights, and so does the gradient that reaches M1.
+    down = block["layer.mlp.down_proj.weight"]
+    saved = down.detach().clone()
+    with torch.no_grad():
+        down.mul_(1.5)
+    model.zero_grad()
+    changed = model(x)
+    changed.sum().backward()
+    assert not torch.equal(changed, out) and not torch.equal(booster.m1.weight.grad, m1_grad)
+    with torch.no_grad():
+        down.copy_(saved)
+        assert torch.equal(model(x), out)
+        # With the identity in its place (the MLP-only control) the output differs as well.
+        booster.block = IdentityBlock(booster.block.hidden_size)
+        assert not torch.equal(model(x), out)
 
 
 @pytest.mark.parametrize("mode", ["none", "inner", "outer", "hybrid"])
