@@ -153,7 +153,7 @@ def test_dataset_json_pairs_names_and_modality_selection(tmp_path):
         dm = SegmentationDataModule(
             root,
             roi_size=8,
-            modality=["T2w", "FLAIR"],
+            channels=["T2w", "FLAIR"],
             normalize=None,
             strict=False,
             val_fraction=0.34,
@@ -364,7 +364,7 @@ def test_data_module_loaders_case_info_and_record(tmp_path):
 
 def test_kfold_data_module_and_epoch_seeded_workers(tmp_path):
     root = make_msd(tmp_path / "Task99_Synth")
-    dm = SegmentationDataModule(root, roi_size=8, k=3, fold=1, test_fraction=0.25, batch_size=2, num_workers=1)
+    dm = SegmentationDataModule(root, roi_size=8, k_folds=3, fold=1, test_fraction=0.25, batch_size=2, num_workers=1)
     dm.setup()
     assert len(dm.split["test"]) == 2 and len(dm.split["val"]) == 2 and len(dm.split["train"]) == 4
     loader = dm.train_dataloader()
@@ -376,8 +376,8 @@ def test_kfold_data_module_and_epoch_seeded_workers(tmp_path):
     first, again, other = epoch(0), epoch(0), epoch(1)
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # a resumed run repeats epoch 0 exactly
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
-    with pytest.raises(ConfigError, match="both k and fold"):
-        SegmentationDataModule(root, k=3)
+    with pytest.raises(ConfigError, match="fold must be in 0 .. 2 for k_folds=3, got 3"):
+        SegmentationDataModule(root, k_folds=3, fold=3)
 
 
 def test_real_hippocampus_data_module(tmp_path):

@@ -412,7 +412,7 @@ class MedMNISTDataModule(SplitDataModule[MedMNISTDataset]):
 
     def __init__(
         self,
-        name: str,
+        dataset: str,
         size: int = 28,
         data_dir: str | os.PathLike | None = None,
         batch_size: int = 128,
@@ -427,7 +427,7 @@ class MedMNISTDataModule(SplitDataModule[MedMNISTDataset]):
         drop_last: bool = False,
     ):
         super().__init__(batch_size, num_workers, seed, pin_memory, drop_last)
-        self.info = get_info(name)
+        self.info = get_info(dataset)
         self.info.check_size(size)
         self.size = size
         self.data_dir = data_dir

@@ -126,8 +126,8 @@ class SegmentationDataModule(SplitDataModule[SegmentationDataset]):
     files and geometry :meth:`case_info` gives and whose prediction :meth:`invert` maps back to the file's grid.
 
     ``split`` is a split JSON path (see :func:`~medboost.data.splits.save_split`), a split dict, or None for
-    :func:`~medboost.data.splits.make_split` with ``seed``; ``k``/``fold`` make a k-fold split instead (the test split
-    stays fixed). ``train_fraction`` keeps a nested, seeded subset of the training cases only.
+    :func:`~medboost.data.splits.make_split` with ``seed``; ``k_folds``/``fold`` make a k-fold split instead (the
+    test split stays fixed). ``train_fraction`` keeps a nested, seeded subset of the training cases only.
     """
 
     def __init__(
@@ -139,15 +139,15 @@ class SegmentationDataModule(SplitDataModule[SegmentationDataset]):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         train_fraction: float = 1.0,
-        fold: int | None = None,
-        k: int | None = None,
+        k_folds: int | None = None,
+        fold: int = 0,
         batch_size: int = 2,
         num_workers: int = 0,
         augment: bool = True,
         normalize: str | None = "zscore",
         spacing: Sequence[float] | None = None,
         orientation: str | None = "RAS",
-        modality: Sequence[int | str] | int | str | None = None,
+        channels: Sequence[int | str] | int | str | None = None,
         crop: str = "posneg",
         cache: bool = True,
         seed: int = 0,
@@ -156,8 +156,8 @@ class SegmentationDataModule(SplitDataModule[SegmentationDataset]):
         pin_memory: bool = False,
     ):
         super().__init__(batch_size, num_workers, seed, pin_memory)
-        if (fold is None) != (k is None):
-            raise ConfigError("k-fold needs both k and fold")
+        if k_folds is not None and not 0 <= fold < k_folds:
+            raise ConfigError(f"fold must be in 0 .. {k_folds - 1} for k_folds={k_folds}, got {fold}")
         if spatial_dims not in (None, 2, 3):
             raise ConfigError(f"spatial_dims must be 2, 3 or None, got {spatial_dims}")
         self.root = Path(root)
@@ -165,9 +165,9 @@ class SegmentationDataModule(SplitDataModule[SegmentationDataset]):
         self._roi_arg = roi_size
         self.split_source = split
         self.val_fraction, self.test_fraction, self.train_fraction = val_fraction, test_fraction, train_fraction
-        self.fold, self.k = fold, k
+        self.fold, self.k_folds = fold, k_folds
         self.augment, self.normalize, self.spacing, self.orientation = augment, normalize, spacing, orientation
-        self.modality, self.crop, self.cache, self.strict = modality, crop, cache, strict
+        self.channels, self.crop, self.cache, self.strict = channels, crop, cache, strict
         self.label_names_arg = label_names
         self._report: PairingReport | None = None
         self.split: dict[str, list[str]] | None = None
@@ -186,7 +186,7 @@ class SegmentationDataModule(SplitDataModule[SegmentationDataset]):
     def report(self) -> PairingReport:
         """Pairing and content checks (run once, on first use: properties below need them before ``setup``)."""
         if self._report is None:
-            report = check_pairs(find_pairs(self.root, self.modality), self.strict, label_names=self.label_names_arg)
+            report = check_pairs(find_pairs(self.root, self.channels), self.strict, label_names=self.label_names_arg)
             if self._spatial_dims is not None and self._spatial_dims != report.spatial_dims:
                 raise ConfigError(
                     f"{self.root}: spatial_dims={self._spatial_dims}, but the data is {report.spatial_dims}D"
@@ -227,8 +227,8 @@ class SegmentationDataModule(SplitDataModule[SegmentationDataset]):
         elif source is not None:
             split = load_split(source, cases)
             self.split_file_md5 = hashlib.md5(Path(source).read_bytes(), usedforsecurity=False).hexdigest()
-        elif self.k is not None:
-            split = kfold_split(cases, self.k, self.fold, self.seed, self.test_fraction)
+        elif self.k_folds is not None:
+            split = kfold_split(cases, self.k_folds, self.fold, self.seed, self.test_fraction)
         else:
             split = make_split(cases, self.seed, self.val_fraction, self.test_fraction)
         return subset_train(split, self.train_fraction, self.seed) if self.train_fraction < 1 else split
@@ -321,8 +321,8 @@ class SegmentationDataModule(SplitDataModule[SegmentationDataset]):
             "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction,
             "train_fraction": self.train_fraction,
-            "k": self.k,
-            "fold": self.fold,
+            "k_folds": self.k_folds,
+            "fold": self.fold if self.k_folds is not None else None,
             "preprocessing": {
                 "normalize": self.normalize,
                 "orientation": self.orientation if self.spatial_dims == 3 else None,

@@ -79,7 +79,8 @@ class SegmentationDataConfig:
         augment: random flips, rotations and intensity changes of the training crops.
         normalize: intensity normalisation, zscore or percentile.
         spacing: resample to this voxel spacing in mm; None keeps the native grid.
-        channels: channel selection for multi-modal images; None keeps all.
+        channels: channel selection for multi-modal images, by index or by dataset.json modality name; None keeps
+            all.
         strict: refuse the run when any image/label pair is broken (else report and drop them).
         sw_overlap: sliding-window overlap at validation and test.
         write_predictions: write test predictions as NIfTI (3D) / PNG (2D) with overlays.
@@ -99,7 +100,7 @@ class SegmentationDataConfig:
     augment: bool = True
     normalize: Literal["zscore", "percentile"] = "zscore"
     spacing: list[float] | None = None
-    channels: list[int] | None = None
+    channels: list[int | str] | None = None
     strict: bool = True
     sw_overlap: float = 0.5
     write_predictions: bool = True
@@ -334,6 +335,16 @@ def _flat_diff(new: dict, old: dict, prefix: str = "") -> dict[str, tuple[Any, A
 def _normalise(value: Any) -> Any:
     """Tuples and lists compare equal (a config read back from JSON has lists)."""
     return [_normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def section_kwargs(section: Any, target: Any, **extra: Any) -> dict[str, Any]:
+    """The fields of a config ``section`` that ``target`` (a class or function) takes, by name, plus ``extra``: the
+    one piece of wiring from a recipe section to the object it configures (a data module, the Trainer). A field the
+    target does not take is the caller's to use (e.g. ``augment`` chooses the transforms)."""
+    import inspect
+
+    accepted = inspect.signature(target).parameters
+    return {**{f.name: getattr(section, f.name) for f in fields(section) if f.name in accepted}, **extra}
 
 
 # -- parsing ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 
 from medboost.data import transforms as T
 from medboost.data.medmnist import MedMNISTDataModule
-from medboost.engine.config import RunConfig
+from medboost.engine.config import RunConfig, section_kwargs
 from medboost.engine.records import run_record, write_json
 from medboost.engine.trainer import fit_and_test, start_run
 from medboost.metrics.classification import classification_report
@@ -19,17 +19,7 @@ from medboost.tasks.classification import ClassificationTask
 
 def build_datamodule(cfg: RunConfig) -> MedMNISTDataModule:
     d = cfg.data
-    dm = MedMNISTDataModule(
-        d.dataset,
-        size=d.size,
-        data_dir=d.data_dir,
-        batch_size=d.batch_size,
-        num_workers=d.num_workers,
-        download=d.download,
-        as_rgb=d.as_rgb,
-        seed=cfg.seed,
-        verify_md5=d.verify_md5,
-    )
+    dm = MedMNISTDataModule(**section_kwargs(d, MedMNISTDataModule, seed=cfg.seed))
     if dm.spatial_dims == 2:
         train = T.train_transform_2d(size=d.resize) if d.augment else T.eval_transform_2d(size=d.resize)
         dm.train_transform, dm.eval_transform = train, T.eval_transform_2d(size=d.resize)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from medboost.data.segmentation import SegmentationDataModule
-from medboost.engine.config import RunConfig
+from medboost.engine.config import RunConfig, section_kwargs
 from medboost.engine.records import run_record, write_json
 from medboost.engine.trainer import fit_and_test, start_run
 from medboost.models import create_model, save_pretrained
@@ -20,26 +20,7 @@ from medboost.tasks.segmentation import SegmentationTask
 
 
 def build_datamodule(cfg: RunConfig) -> SegmentationDataModule:
-    d = cfg.data
-    return SegmentationDataModule(
-        d.root,
-        spatial_dims=d.spatial_dims,
-        roi_size=d.roi_size,
-        split=d.split,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        train_fraction=d.train_fraction,
-        fold=d.fold if d.k_folds else None,
-        k=d.k_folds,
-        batch_size=d.batch_size,
-        num_workers=d.num_workers,
-        augment=d.augment,
-        normalize=d.normalize,
-        spacing=d.spacing,
-        modality=d.channels,
-        seed=cfg.seed,
-        strict=d.strict,
-    )
+    return SegmentationDataModule(**section_kwargs(cfg.data, SegmentationDataModule, seed=cfg.seed))
 
 
 def build_model(cfg: RunConfig, dm: SegmentationDataModule):
