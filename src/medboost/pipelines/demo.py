@@ -81,6 +81,7 @@ def run_demo(
     rows = []
     for arm, cfg in demo_configs(dataset, epochs, output_dir, data_dir, seed, block, download).items():
         console.rule(f"[bold]{arm}[/bold]: {cfg.model.name} on {dataset}, {epochs} epochs")
+        console.print(f"run folder: {cfg.run_dir}")
         result = train_classifier(cfg)
         rows.append(
             {
