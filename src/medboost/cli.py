@@ -125,7 +125,7 @@ def _cmd_demo(args) -> int:
 def _cmd_predict(args) -> int:
     from medboost.pipelines.predict import predict_files
 
-    rows = predict_files(args.model, args.files, saliency_dir=args.saliency)
+    rows = predict_files(args.model, args.files, saliency_dir=args.saliency, saliency_method=args.saliency_method)
     for row in rows:
         print(json.dumps(row))
     return 0
@@ -165,7 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="classify image files (PNG/JPG/NIfTI/npy) with a saved model")
     predict.add_argument("model", help="a saved model folder (run folder's model/)")
     predict.add_argument("files", nargs="+")
-    predict.add_argument("--saliency", default=None, help="write Grad-CAM overlay PNGs to this folder")
+    predict.add_argument("--saliency", default=None, help="write saliency overlays (PNG) and raw maps (.npy) here")
+    predict.add_argument(
+        "--saliency-method",
+        default="gradcam",
+        choices=("gradcam", "rollout"),
+        help="Grad-CAM or attention rollout (ViT)",
+    )
     return parser
 
 

@@ -71,11 +71,27 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = attn_drop
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values, stacked: ``(3, B, heads, T, head_dim)``."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs ``(B, heads, T, head_dim)`` -> ``(B, T, dim)`` through the output projection."""
+        b, h, n, hd = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, n, h * hd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0))
+
+    def forward_with_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(x)`` in eval mode (no attention dropout), computed with the attention probabilities formed
+        explicitly, and those probabilities ``(B, heads, T, T)``, inside the autograd graph. For saliency maps only:
+        ``forward``'s fused kernel never forms the weights, and stays as fast as it was."""
+        q, k, v = self._qkv(x)
+        weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        return self._merge(weights @ v), weights
 
 
 class MLP(nn.Module):
@@ -145,6 +161,8 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """Patch embedding, optional CLS token, learned position embedding, ``depth`` pre-norm blocks, final LayerNorm.
 
+    Every argument is keyword-only: ten of them are numbers, and a positional call reads as a row of unnamed values.
+
     Args:
         spatial_dims: 2 for images, 3 for volumes.
         in_channels: input channels.
@@ -160,6 +178,7 @@ class ViT(nn.Module):
 
     def __init__(
         self,
+        *,
         spatial_dims: int = 2,
         in_channels: int = 1,
         img_size: int | Sequence[int] = 28,
@@ -182,7 +201,8 @@ class ViT(nn.Module):
         n_tokens = self.patch_embed.num_patches + int(cls_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        # On the CPU even when the model is built on the meta device (load_pretrained): rates are numbers, not weights.
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
         grid = self.patch_embed.grid
         self.blocks = nn.ModuleList(
             Block(dim, heads, mlp_ratio, drop, r, LocalMixer(dim, grid, skip=int(cls_token)) if hybrid else None)

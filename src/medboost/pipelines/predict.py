@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medboost.errors import DataError
+from medboost.errors import ConfigError, DataError
 from medboost.metrics.classification import scores_from_logits
 from medboost.models.hub import load_pretrained, read_model_config
 
@@ -65,7 +65,17 @@ def to_model_input(array: np.ndarray, spec: dict, where: str) -> torch.Tensor:
     return x.float()[None]
 
 
-def predict_files(model_dir: str | Path, files: list[str], saliency_dir: str | Path | None = None) -> list[dict]:
+def predict_files(
+    model_dir: str | Path, files: list[str], saliency_dir: str | Path | None = None, saliency_method: str = "gradcam"
+) -> list[dict]:
+    """Score each file with the saved model. With ``saliency_dir``, also write each file's saliency map there
+    (``saliency_method``: ``"gradcam"`` or ``"rollout"``, see :mod:`medboost.report.saliency`): an overlay PNG
+    ``<name>_<method>.png`` and the raw map ``<name>_<method>.npy`` (float32, the model's input size, in [0, 1]; a 3D
+    model's whole volume, where the PNG shows its strongest axial slice)."""
+    from medboost.report.saliency import METHODS
+
+    if saliency_dir is not None and saliency_method not in METHODS:
+        raise ConfigError(f"saliency method must be one of {', '.join(METHODS)}, got {saliency_method!r}")
     record = read_model_config(model_dir)
     spec = record.get("input")
     if spec is None:
@@ -86,19 +96,24 @@ def predict_files(model_dir: str | Path, files: list[str], saliency_dir: str | P
                 else (names[int(scores[0] > 0.5)])
             )
         if saliency_dir is not None:
-            row["saliency"] = str(_write_saliency(model, x, file, Path(saliency_dir)))
+            png, raw = _write_saliency(model, x, file, Path(saliency_dir), saliency_method)
+            row["saliency"], row["saliency_map"] = str(png), str(raw)
         rows.append(row)
     return rows
 
 
-def _write_saliency(model, x: torch.Tensor, file: str, folder: Path) -> Path:
+def _write_saliency(model, x: torch.Tensor, file: str, folder: Path, method: str) -> tuple[Path, Path]:
     from medboost.report.plots import overlay
-    from medboost.report.saliency import grad_cam
+    from medboost.report.saliency import saliency_map
 
-    cam, cls = grad_cam(model, x)
+    cam, cls = saliency_map(model, x, method)
+    name = f"{Path(file).name.split('.')[0]}_{method}"
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = folder / f"{name}.npy"
+    np.save(raw, cam.numpy().astype(np.float32))
     image = x[0].mean(0)
     if image.dim() == 3:  # 3D: the axial slice where the map is strongest
-        k = int(cam.flatten(1).amax(1).argmax()) if cam.dim() == 3 else image.shape[0] // 2
+        k = int(cam.flatten(1).amax(1).argmax())
         image, cam = image[k], cam[k]
-    out = folder / (Path(file).name.split(".")[0] + "_gradcam.png")
-    return overlay(image.numpy(), cam.numpy(), out, title=f"Grad-CAM for class {cls}")
+    title = f"Grad-CAM for class {cls}" if method == "gradcam" else f"attention rollout (predicted class {cls})"
+    return overlay(image.numpy(), cam.numpy(), folder / f"{name}.png", title=title), raw
