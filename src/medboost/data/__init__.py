@@ -6,4 +6,7 @@
 - :mod:`~medboost.data.medmnist`, :mod:`~medboost.data.medmnist_info`, :mod:`~medboost.data.transforms`: MedMNIST.
 - :mod:`~medboost.data.pairing`, :mod:`~medboost.data.content_checks`, :mod:`~medboost.data.segmentation_transforms`,
   :mod:`~medboost.data.segmentation`: segmentation folders, from file pairs to the data module.
+- :mod:`~medboost.data.volumes`, :mod:`~medboost.data.clinical_text`, :mod:`~medboost.data.vl_manifest`,
+  :mod:`~medboost.data.vision_language`: 3D volumes (NIfTI, DICOM series) with MedBLIP's preprocessing, EHR text and
+  answers from clinical fields, the vision-language manifest (IXI adapter), and its data module.
 """

@@ -116,6 +116,10 @@ class SplitDataModule(L.LightningDataModule, ABC, Generic[D]):
             raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         return self.datasets[split]
 
+    def collate_fn(self) -> Callable[[list[Any]], Any] | None:
+        """How samples become a batch (None: torch's default collation); data with text samples override it."""
+        return None
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.dataset(split)
         sampler = EpochSeededSampler(len(dataset), self.seed) if train else None
@@ -131,6 +135,7 @@ class SplitDataModule(L.LightningDataModule, ABC, Generic[D]):
             persistent_workers=self.num_workers > 0 and not train,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last and train,
+            collate_fn=self.collate_fn(),
         )
 
     def train_dataloader(self) -> DataLoader:
