@@ -40,7 +40,11 @@ def save_pretrained(model: nn.Module, folder: str | Path, extra: dict | None = N
     block = getattr(getattr(model, "booster", None), "block", None)
     if block is not None and hasattr(block, "config"):
         record["llm_config"] = block.config.to_dict()
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # Models with frozen parts rebuilt from their sources (MedBLIP's encoder and LLM) save only the rest.
+    saved_state = getattr(model, "saved_state_dict", None)
+    if saved_state is not None:
+        record["frozen_parts_from_sources"] = True
+    state = {k: v.detach().contiguous().cpu() for k, v in (saved_state or model.state_dict)().items()}
     # Write to temporary names and rename: an interrupted save never leaves a half-written model in place.
     tmp_weights, tmp_config = folder / (WEIGHTS_NAME + ".tmp"), folder / (CONFIG_NAME + ".tmp")
     save_file(state, tmp_weights)
@@ -87,6 +91,8 @@ def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu"
         state = load_file(weights, device=str(map_location))
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise ConfigError(f"{weights}: cannot read the model weights: {err}") from err
+    if record.get("frozen_parts_from_sources"):
+        return _load_with_frozen_sources(record, state, map_location)
     with torch.device("meta"):
         model = create_model(record["medboost_model"], **kwargs)
     model.medboost_config = {"name": record["medboost_model"], "kwargs": record["kwargs"]}
@@ -101,4 +107,12 @@ def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu"
             f"{weights}: the model in {CONFIG_NAME} has tensors that are neither saved nor computed: {empty}"
         )
     # Computed buffers (rotary frequencies) were made on the CPU: bring them to the weights.
+    return model.to(map_location).eval()
+
+
+def _load_with_frozen_sources(record: dict, state: dict, map_location) -> nn.Module:
+    """Build the model for real (its frozen parts load their pre-trained weights from the sources named in the
+    config), then load the saved trainable tensors over the fresh ones."""
+    model = create_model(record["medboost_model"], **record["kwargs"])
+    model.load_saved_state(state)
     return model.to(map_location).eval()

@@ -153,3 +153,12 @@ def _unet(
     from monai.networks.nets import UNet
 
     return UNet(spatial_dims, in_channels, num_classes, channels=channels, strides=strides, num_res_units=num_res_units)
+
+
+# -- vision-language ----------------------------------------------------------------------------------------------
+@register_model("medblip")
+def _medblip(**kwargs) -> nn.Module:
+    """MedBLIP: trainable 3D patch embedding + frozen encoder -> MedQFormer -> frozen causal LLM."""
+    from medboost.models.medblip import MedBLIP
+
+    return MedBLIP(**kwargs)
