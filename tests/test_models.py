@@ -26,6 +26,8 @@ def _kwargs(name: str, dims: int, reader) -> dict:
     kwargs = {"spatial_dims": dims, "in_channels": 1, "num_classes": 3}
     if name.startswith("vit"):
         kwargs.update(SMALL, img_size=28, patch_size=7 if dims == 2 else 14)
+    if name in VOLUMES_ONLY:  # 7 frames of 4 slices, 2 x 2 patches each; the booster after temporal block 1
+        kwargs.update(dim=32, spatial_depth=1, temporal_depth=2, heads=2, img_size=28, patch_size=14)
     if name.endswith("_llm"):
         kwargs["booster"] = {"block": {"source": reader}}
     return kwargs
@@ -33,6 +35,13 @@ def _kwargs(name: str, dims: int, reader) -> dict:
 
 SEGMENTERS = {"vit_seg", "medvisionllama", "unetr", "unet"}  # covered in test_segmentation_pipeline.py
 VISION_LANGUAGE = {"medblip"}  # covered in test_medblip.py
+VOLUMES_ONLY = {n for n in list_models() if n.startswith("vivit")}  # refusing 2D is tested in test_vivit.py
+CLASSIFIERS = [
+    (name, dims)
+    for name in sorted(set(list_models()) - SEGMENTERS - VISION_LANGUAGE)
+    for dims in (2, 3)
+    if dims == 3 or name not in VOLUMES_ONLY
+]
 
 
 def _randomise_zero_inits(model: torch.nn.Module) -> None:
@@ -49,12 +58,11 @@ def _randomise_zero_inits(model: torch.nn.Module) -> None:
 
 def _input(name: str, dims: int) -> torch.Tensor:
     # ResNets take any size (adaptive pooling): 16 px instead of 28 keeps the 3D ones cheap.
-    size = 28 if name.startswith("vit") else 16
+    size = 28 if name.startswith(("vit", "vivit")) else 16
     return torch.randn(2, 1, *(size,) * dims, generator=torch.Generator().manual_seed(2))
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("name", sorted(set(list_models()) - SEGMENTERS - VISION_LANGUAGE))
+@pytest.mark.parametrize(("name", "dims"), CLASSIFIERS)
 def test_every_registered_classifier_runs_forward_and_backward(name, dims, tiny_reader):
     torch.manual_seed(0)
     model = create_model(name, **_kwargs(name, dims, tiny_reader))

@@ -15,6 +15,7 @@ from medboost.errors import ConfigError
 from medboost.llm.readers import CheckpointReader
 from medboost.models.booster import BoosterConfig
 from medboost.models.classifier import ViTClassifier, resnet
+from medboost.models.vivit import ViViTClassifier
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -80,6 +81,31 @@ def _vit(size: str, boosted: bool):
 for _size in VIT_SIZES:
     register_model(f"vit_{_size}")(_vit(_size, boosted=False))
     register_model(f"vit_{_size}_llm")(_vit(_size, boosted=True))
+
+#: ViViT sizes: the ViT's width and heads, its depth split into spatial (per frame) and temporal blocks.
+VIVIT_SIZES = {
+    "tiny": dict(dim=192, spatial_depth=4, temporal_depth=2, heads=3),
+    "small": dict(dim=384, spatial_depth=8, temporal_depth=4, heads=6),
+}
+
+
+def _vivit(size: str, boosted: bool):
+    def factory(booster: BoosterConfig | dict | None = None, **kwargs) -> nn.Module:
+        if boosted and booster is None:
+            booster = BoosterConfig()
+        if not boosted and booster is not None:
+            raise ConfigError(
+                f"vivit_{size} has no booster, but the model arguments give one: use vivit_{size}_llm, or drop the "
+                "block with --model.kwargs.booster null"
+            )
+        return ViViTClassifier(**{**VIVIT_SIZES[size], **kwargs}, booster=booster)
+
+    return factory
+
+
+for _size in VIVIT_SIZES:
+    register_model(f"vivit_{_size}")(_vivit(_size, boosted=False))
+    register_model(f"vivit_{_size}_llm")(_vivit(_size, boosted=True))
 
 
 @register_model("resnet18")

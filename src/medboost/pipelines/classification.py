@@ -32,7 +32,7 @@ def build_datamodule(cfg: RunConfig) -> MedMNISTDataModule:
 def build_model(cfg: RunConfig, dm: MedMNISTDataModule):
     """The configured model, sized for the data (channels, classes, image size, 2D/3D)."""
     kwargs: dict[str, Any] = dict(spatial_dims=dm.spatial_dims, in_channels=dm.in_channels, num_classes=dm.num_classes)
-    if cfg.model.name.startswith("vit"):
+    if cfg.model.name.startswith(("vit", "vivit")):  # transformers are built for one input size
         kwargs["img_size"] = cfg.data.resize or dm.image_size
     return create_model(cfg.model.name, **{**kwargs, **cfg.model.kwargs})
 
