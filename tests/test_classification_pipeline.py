@@ -71,16 +71,24 @@ def _assert_reloaded_model_reproduces_the_run(cfg, result: dict) -> torch.Tensor
 
 
 class LogitRecorder(Callback):
-    """The logits the run's test metrics are computed from, batch by batch in test-loader order."""
+    """The logits the run's test metrics are computed from, batch by batch in test-loader order: the first test only
+    (a boosted run then tests again with the booster's branch removed, for result["booster_contribution"])."""
 
     def __init__(self):
         self.batches: list[torch.Tensor] = []
+        self._hook = None
 
     def on_test_start(self, trainer, pl_module):
-        self._hook = pl_module.model.register_forward_hook(lambda m, i, out: self.batches.append(out.detach().clone()))
+        if not self.batches:
+            self._hook = pl_module.model.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, out):
+        self.batches.append(out.detach().clone())
 
     def on_test_end(self, trainer, pl_module):
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
 
 # The easy task's test AUC after the 3-epoch runs below, seeds 0/1/2: breastmnist 1.0/1.0/1.0, chestmnist

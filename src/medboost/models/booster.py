@@ -12,6 +12,8 @@ identity (``init="none"``: the MLP-only control ``x + M2(M1 x)``), or the unfroz
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -87,6 +89,7 @@ class LLMBooster(nn.Module):
             raise ConfigError(f"residual must be one of {', '.join(RESIDUAL_MODES)}, got {residual!r}")
         width = block.hidden_size
         self.residual = residual
+        self.bypassed = False  # set only by booster_bypassed(): a plain attribute, never saved with the weights
         self.m1 = nn.Linear(dim, width, bias=False)
         self.block = block
         self.norm = nn.LayerNorm(width) if block_norm else nn.Identity()
@@ -106,12 +109,102 @@ class LLMBooster(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypassed:
+            return x
         z = self.m1(x)
         h = self.norm(self.block(z))
         if self.residual in ("inner", "hybrid"):
             h = h + z
         out = self.m2(h)
         return x + out if self.residual in ("outer", "hybrid") else out
+
+
+def boosters(model: nn.Module) -> list[LLMBooster]:
+    """Every :class:`LLMBooster` inside ``model`` (none for a plain ViT or a ResNet)."""
+    return [m for m in model.modules() if isinstance(m, LLMBooster)]
+
+
+@contextmanager
+def booster_bypassed(model: nn.Module) -> Iterator[list[LLMBooster]]:
+    """Run ``model`` with each booster's branch removed: every :class:`LLMBooster` returns its input unchanged.
+
+    What "branch removed" means, per residual mode:
+
+    - ``outer``/``hybrid``: ``x + M2(...) -> x``, the outer skip alone: the booster's added term is dropped.
+    - ``none``/``inner``: there is no outer skip, so the branch *is* the booster's whole path; removing it leaves the
+      identity ``x -> x`` as well. The model is then exactly the same model with the insert deleted.
+
+    Either way the bypassed model equals the model built without the insert, with the same other weights. The
+    branch is skipped, not computed and discarded. The flags are restored on exit, also on error.
+    """
+    found = boosters(model)
+    previous = [b.bypassed for b in found]
+    for b in found:
+        b.bypassed = True
+    try:
+        yield found
+    finally:
+        for b, state in zip(found, previous):
+            b.bypassed = state
+
+
+def _token_ratio_sum(change: torch.Tensor, reference: torch.Tensor) -> tuple[float, int]:
+    """Sum over tokens of ``||change|| / ||reference||`` (norms over the feature axis) and the token count.
+
+    Computed in float32 so that a bfloat16 run does not round small branches to zero; a zero reference token
+    (never seen in practice) counts as ratio 0 rather than NaN, so one padding token cannot poison the mean."""
+    num = change.detach().float().flatten(0, -2).norm(dim=-1)
+    den = reference.detach().float().flatten(0, -2).norm(dim=-1)
+    ratio = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(num))
+    return float(ratio.sum()), ratio.numel()
+
+
+class BoosterNormProbe:
+    """Measures, with forward hooks and without changing any output, how large the boosters' branches are:
+
+    - ``relative_output_norm``: mean over tokens and samples of ``||booster(x) - x|| / ||x||`` at the booster's
+      input ``x``: the relative size of what :func:`booster_bypassed` removes (0 for a zero ``M2`` in ``outer`` /
+      ``hybrid`` mode).
+    - ``relative_block_norm``: mean of ``||L(h) - h|| / ||h||`` at the frozen block's input ``h = M1 x``: how much
+      the block itself changes what it is given (0 for the identity block of the MLP-only control).
+
+    Use as a context manager (hooks attached on entry, removed on exit); with several boosters the means pool all
+    their tokens. Bypassed boosters are skipped: they have no branch to measure. ``sums``/``counts`` are exposed
+    so that distributed callers can add them over processes before :meth:`summary`.
+    """
+
+    KEYS = ("relative_output_norm", "relative_block_norm")
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.counts = dict.fromkeys(self.KEYS, 0)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> BoosterNormProbe:
+        for booster in boosters(self.model):
+            self._handles.append(booster.register_forward_hook(self._hook("relative_output_norm", booster)))
+            self._handles.append(booster.block.register_forward_hook(self._hook("relative_block_norm", booster)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, key: str, booster: LLMBooster):
+        def hook(module, inputs, output):
+            if booster.bypassed:
+                return
+            total, count = _token_ratio_sum(output - inputs[0], inputs[0])
+            self.sums[key] += total
+            self.counts[key] += count
+
+        return hook
+
+    def summary(self) -> dict[str, float | None]:
+        """The means (None for a key that saw no token: no booster ran)."""
+        return {k: (self.sums[k] / self.counts[k] if self.counts[k] else None) for k in self.KEYS}
 
 
 _VIT_OPTIONS = frozenset(inspect.signature(ViT).parameters) - {"inserts"}
