@@ -60,6 +60,10 @@ def _cmd_train(args, extra: list[str]) -> int:
         from medboost.pipelines import segmentation as pipeline
 
         train, selected_by = pipeline.train_segmenter, "validation Dice"
+    elif cfg.task == "vision_language":
+        from medboost.pipelines import vision_language as pipeline
+
+        train, selected_by = pipeline.train_vision_language, "validation accuracy"
     else:
         from medboost.pipelines import classification as pipeline
 
@@ -67,7 +71,11 @@ def _cmd_train(args, extra: list[str]) -> int:
     if args.dry_run:
         return _dry_run(cfg, pipeline)
     print(f"run folder: {cfg.run_dir}")
-    _print_result(cfg, train(cfg, resume=not args.no_resume), selected_by)
+    result = train(cfg, resume=not args.no_resume)
+    if cfg.task == "vision_language":
+        _print_questions(cfg, result)
+    else:
+        _print_result(cfg, result, selected_by)
     return 0
 
 
@@ -82,7 +90,8 @@ def _dry_run(cfg, pipeline) -> int:
     print(
         f"dry run passed: {cfg.task} of {cfg.dataset_name} with {cfg.model.name} "
         f"({sizes['parameters'] / 1e6:.2f} M parameters, {sizes['trainable_parameters'] / 1e6:.2f} M trainable); "
-        f"one training and one validation batch ran; nothing was written (the run would go to {cfg.run_dir})"
+        "one training and one validation batch ran; no run folder was written "
+        f"(the run would go to {cfg.run_dir}; data caches may have been filled)"
     )
     return 0
 
@@ -102,6 +111,26 @@ def _print_result(cfg, result: dict, selected_by: str) -> None:
         "-" if best_val is None else f"{best_val:.4f}",
         *(f"{v:.4f}" for v in test.values()),
     )
+    console = Console()
+    console.print(table)
+    console.print(f"report: {cfg.run_dir / 'result.json'}")
+
+
+_QUESTION_COLUMNS = ("acc", "balanced_acc", "macro_f1", "auc", "gen_acc")
+
+
+def _print_questions(cfg, result: dict) -> None:
+    """Vision-language test metrics, one row per question (each question has its own candidates)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    best_val = result.get("best_val")
+    title = f"{cfg.dataset_name} / {cfg.model.name}, seed {cfg.seed}: test at the best validation accuracy"
+    table = Table(title=f"{title} ({'-' if best_val is None else f'{best_val:.4f}'}, epoch {result.get('best_epoch')})")
+    for column in ("question", *_QUESTION_COLUMNS):
+        table.add_column(column, justify="right")
+    for key, metrics in result.get("test_report", {}).items():
+        table.add_row(key, *(f"{metrics[c]:.4f}" for c in _QUESTION_COLUMNS))
     console = Console()
     console.print(table)
     console.print(f"report: {cfg.run_dir / 'result.json'}")
@@ -131,6 +160,26 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from medboost.pipelines.vision_language import evaluate_saved
+
+    result = evaluate_saved(args.run, manifest=args.manifest, split=args.split, out_dir=args.output_dir)
+    print(json.dumps(result["test"], indent=2))
+    return 0
+
+
+def _cmd_ask(args) -> int:
+    from medboost.pipelines.vision_language import ask
+
+    out = ask(args.model, args.image, args.ehr, args.question, args.candidates or ())
+    if "answer" in out:
+        print(f"answer: {out['answer']}")
+        for candidate, score in out["scores"].items():
+            print(f"  {score:9.4f}  {candidate}")
+    print(f"generated: {out['generated']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medboost", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoints/last.ckpt")
     train.add_argument(
-        "--dry-run", action="store_true", help="check data, model and settings on one batch; write nothing"
+        "--dry-run", action="store_true", help="check data, model and settings on one batch; no run folder"
     )
     demo = sub.add_parser("demo", help="train the ViT with and without a frozen LLM block and compare on test")
     for command in (train, demo):
@@ -172,6 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("gradcam", "rollout"),
         help="Grad-CAM or attention rollout (ViT)",
     )
+
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate a saved vision-language (MedBLIP) model as its run's test does"
+    )
+    evaluate.add_argument("run", help="a run folder or its model/ folder")
+    evaluate.add_argument("--manifest", default=None, help="evaluate every row of this manifest instead of a split")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="the run's split to use")
+    evaluate.add_argument("--output-dir", default=None, help="write predictions.csv and confusion matrices here")
+
+    ask = sub.add_parser("ask", help="ask a saved MedBLIP model one question about one volume")
+    ask.add_argument("model", help="a run folder or its model/ folder")
+    ask.add_argument("--image", required=True, help="a NIfTI volume or DICOM series folder")
+    ask.add_argument("--ehr", default="", help="the clinical text shown with the question")
+    ask.add_argument("--question", required=True)
+    ask.add_argument("--candidates", nargs="+", default=None, help="candidate answers to score")
+    for command in (evaluate, ask):
+        command.add_argument("--verbose", action="store_true", help="show every library message and warning")
     return parser
 
 
@@ -183,11 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "llm":
             return _cmd_llm_list(args) if args.llm_command == "list" else _cmd_llm_inspect(args)
-        if args.command in ("train", "demo"):
+        if args.command in ("train", "demo", "evaluate", "ask"):
             from medboost.engine.quiet import quiet_libraries
 
+            commands = {"train": lambda: _cmd_train(args, extra), "demo": lambda: _cmd_demo(args)}
+            commands.update(evaluate=lambda: _cmd_evaluate(args), ask=lambda: _cmd_ask(args))
             with quiet_libraries(args.verbose):
-                return _cmd_train(args, extra) if args.command == "train" else _cmd_demo(args)
+                return commands[args.command]()
         if args.command == "predict":
             return _cmd_predict(args)
     except MedboostError as err:

@@ -107,6 +107,41 @@ class SegmentationDataConfig:
 
 
 @dataclass
+class VisionLanguageDataConfig:
+    """Vision-language data (MedBLIP): a manifest of 3D volumes with clinical fields, or the IXI folder.
+
+    Args:
+        dataset: the data's name in run folder names and reports.
+        manifest: a manifest (.csv or .jsonl; see medboost.data.vl_manifest); None: ixi_root must be given.
+        ixi_root: an IXI 2 mm folder (t1/, participants.csv, dlmuse_roi_volumes.csv) whose manifest is written
+            into the run folder (manifest/ixi_vl.csv, with its exclusion report); None: manifest must be given.
+        questions: the closed-question preset (ixi: sex, age group, reduced hippocampal volume).
+        size: volumes are resized and padded to size^3 (MedBLIP: 224).
+        split_file: a split JSON of scan ids (e.g. benchmarks/splits/ixi_vl.json); None: a seeded subject-level
+            split with the fractions below.
+        val_fraction: share of subjects for validation (seeded split only).
+        test_fraction: share of subjects for test (seeded split only).
+        batch_size: samples (volume + question) per batch and process.
+        num_workers: DataLoader worker processes.
+        cache_dir: keep preprocessed volumes here as .npy, reused across runs; None: in memory.
+        max_new_tokens: length limit of the free-text answers generated at test.
+    """
+
+    dataset: str = "ixi"
+    manifest: str | None = None
+    ixi_root: str | None = None
+    questions: str = "ixi"
+    size: int = 224
+    split_file: str | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    batch_size: int = 7
+    num_workers: int = 0
+    cache_dir: str | None = None
+    max_new_tokens: int = 16
+
+
+@dataclass
 class ModelConfig:
     """The model.
 
@@ -226,8 +261,9 @@ class RunConfig:
     """A training run.
 
     Args:
-        task: classification or segmentation (decides the data section's keys).
-        data: the data section (DataConfig for classification, SegmentationDataConfig for segmentation).
+        task: classification, segmentation or vision_language (decides the data section's keys).
+        data: the data section (DataConfig for classification, SegmentationDataConfig for segmentation,
+            VisionLanguageDataConfig for vision_language).
         model: the model section.
         optim: the optimiser section.
         loss: the loss section (classification).
@@ -241,7 +277,7 @@ class RunConfig:
     """
 
     task: str = "classification"
-    data: DataConfig | SegmentationDataConfig = field(default_factory=DataConfig)
+    data: DataConfig | SegmentationDataConfig | VisionLanguageDataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -304,10 +340,24 @@ class SegmentationRunConfig(RunConfig):
     data: SegmentationDataConfig = field(default_factory=SegmentationDataConfig)
 
 
+@dataclass
+class VisionLanguageRunConfig(RunConfig):
+    """A vision-language run (MedBLIP: 3D volume + clinical text -> answers).
+
+    Args:
+        task: vision_language.
+        data: the vision-language data section.
+    """
+
+    task: Literal["vision_language"] = "vision_language"
+    data: VisionLanguageDataConfig = field(default_factory=VisionLanguageDataConfig)
+
+
 #: The run class (and so the data schema) of each task.
 RUN_CONFIGS: dict[str, type[RunConfig]] = {
     "classification": ClassificationRunConfig,
     "segmentation": SegmentationRunConfig,
+    "vision_language": VisionLanguageRunConfig,
 }
 
 
@@ -358,7 +408,7 @@ def run_parser(task: str = "classification", prog: str = "medboost train"):
         prog=prog,
         description=f"Train a {task} model from a YAML recipe; any key can be overridden with --section.key VALUE. "
         "medboost train also takes --no-resume (start over, ignoring checkpoints/last.ckpt), --dry-run (check the "
-        "data, model and settings on one training and one validation batch, writing nothing) and --verbose (show "
+        "data, model and settings on one training and one validation batch, writing no run folder) and --verbose (show "
         "every library message).",
         exit_on_error=False,
         allow_abbrev=False,

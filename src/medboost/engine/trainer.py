@@ -39,7 +39,8 @@ class EpochTimer(Callback):
         self._count = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._count += len(batch[0])
+        # (image, target, index) tuples, or a dict of lists and tensors (vision-language batches)
+        self._count += len(batch["image"] if isinstance(batch, dict) else batch[0])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.epoch_seconds.append(time.perf_counter() - self._start)
