@@ -158,6 +158,21 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.ln_2(x)))
 
 
+def init_transformer_weights(module: nn.Module) -> None:
+    """The ViT initialisation (truncated normal 0.02 linear layers, unit LayerNorms) of every layer of ``module``
+    outside its ``inserts``: inserted modules own their initialisation (and may hold frozen pre-trained weights)."""
+    for name, m in module.named_modules():
+        if name.startswith("inserts"):
+            continue
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class ViT(nn.Module):
     """Patch embedding, optional CLS token, learned position embedding, ``depth`` pre-norm blocks, final LayerNorm.
 
@@ -218,16 +233,7 @@ class ViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for name, m in self.named_modules():
-            if name.startswith("inserts"):
-                continue  # inserted modules own their initialisation (and may hold frozen pre-trained weights)
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_weights(self)
 
     def _insert_key(self, index: int | str) -> str:
         if index == "embed":

@@ -17,7 +17,7 @@ from torch import nn
 
 from medboost.errors import ConfigError
 from medboost.models.booster import BoosterConfig, LLMBooster
-from medboost.models.vit import Block, PatchEmbed, as_tuple
+from medboost.models.vit import Block, PatchEmbed, as_tuple, init_transformer_weights
 
 if TYPE_CHECKING:
     from medboost.report.saliency import SaliencyTarget
@@ -32,20 +32,6 @@ def _volume_size(img_size: int | Sequence[int], frame_depth: int) -> tuple[int, 
     if frame_depth < 1 or size[0] % frame_depth:
         raise ConfigError(f"the depth {size[0]} is not divisible by frame_depth {frame_depth}")
     return size
-
-
-def _trunc_normal_init(module: nn.Module) -> None:
-    """The ViT's initialisation, for every layer outside the inserts (they own theirs, and may be pre-trained)."""
-    for name, m in module.named_modules():
-        if name.startswith("inserts"):
-            continue
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class ViViT(nn.Module):
@@ -93,7 +79,7 @@ class ViViT(nn.Module):
         self.inserts = nn.ModuleDict({self._insert_key(i): m for i, m in (inserts or {}).items()})
         for p in (self.spatial_cls, self.spatial_pos, self.temporal_cls, self.temporal_pos):
             nn.init.trunc_normal_(p, std=0.02)
-        _trunc_normal_init(self)
+        init_transformer_weights(self)
 
     def _insert_key(self, index: int | str) -> str:
         if index == "embed":
