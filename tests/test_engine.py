@@ -25,6 +25,20 @@ def test_every_recipe_loads_and_builds_its_model(recipe):
     booster = cfg.model.kwargs.get("booster")
     if booster and PRESETS.get(booster["block"]["source"]) and not PRESETS[booster["block"]["source"]].local_path():
         pytest.skip(f"{booster['block']['source']} weights are not installed (hub only)")
+    if cfg.task == "vision_language":
+        from medboost.pipelines import vision_language
+
+        kw = cfg.model.kwargs
+        hub_only = [s for s in (kw["image_encoder"]["source"], kw["qformer"], kw["llm"]) if s not in PRESETS]
+        if hub_only:
+            pytest.skip(f"{', '.join(hub_only)}: hub only (the recipe parsed)")
+        model = vision_language.build_model(cfg)
+        assert (
+            0
+            < sum(p.numel() for p in model.parameters() if p.requires_grad)
+            < sum(p.numel() for p in model.parameters())
+        )
+        return
     if cfg.task == "segmentation":
         roi = cfg.data.roi_size
         kwargs = dict(spatial_dims=len(roi), num_classes=3, in_channels=1, img_size=roi)

@@ -26,9 +26,6 @@ import yaml
 
 from medboost.errors import ConfigError
 
-# jsonargparse announces its own future API changes through warnings a medboost user can do nothing about.
-os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-
 
 @dataclass
 class DataConfig:
