@@ -207,26 +207,24 @@ class BoosterNormProbe:
         return {k: (self.sums[k] / self.counts[k] if self.counts[k] else None) for k in self.KEYS}
 
 
-_VIT_OPTIONS = frozenset(inspect.signature(ViT).parameters) - {"inserts"}
-
-
 class BoostedViT(nn.Module):
-    """What the ViT classifier and segmenter share: ``self.encoder``, a :class:`ViT` with an :class:`LLMBooster`
-    (when ``arguments["booster"]`` is set) run after its block ``booster.position``.
+    """What the ViT-family classifiers and the segmenter share: ``self.encoder``, an ``encoder`` (:class:`ViT` by
+    default, or a ViViT) with an :class:`LLMBooster` (when ``arguments["booster"]`` is set) at ``booster.position``.
 
-    ``arguments`` are the subclass's own (its ``locals()``): the ViT's options are picked from them by name, so each
-    is declared once, with its default, in the subclass's signature, and wired to the ViT here for both. ``fixed``
-    are ViT options the subclass derives itself (``cls_token``).
+    ``arguments`` are the subclass's own (its ``locals()``): the encoder's options are picked from them by name, so
+    each is declared once, with its default, in the subclass's signature, and wired to the encoder here for all of
+    them. ``fixed`` are encoder options the subclass derives itself (``cls_token``).
     """
 
-    def __init__(self, arguments: dict[str, Any], **fixed: Any):
+    def __init__(self, arguments: dict[str, Any], encoder: type[nn.Module] = ViT, **fixed: Any):
         super().__init__()
         booster = arguments["booster"]
         if isinstance(booster, dict):
             booster = BoosterConfig(**booster)
         inserts = {booster.position: LLMBooster.from_config(arguments["dim"], booster)} if booster else None
-        options = {name: value for name, value in arguments.items() if name in _VIT_OPTIONS}
-        self.encoder = ViT(**options, **fixed, inserts=inserts)
+        accepted = set(inspect.signature(encoder).parameters) - {"inserts"}
+        options = {name: value for name, value in arguments.items() if name in accepted}
+        self.encoder = encoder(**options, **fixed, inserts=inserts)
 
     @property
     def booster(self) -> LLMBooster | None:

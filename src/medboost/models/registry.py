@@ -64,23 +64,22 @@ def _plain(value):
     return value
 
 
-def _vit(size: str, boosted: bool):
+def _sized(family: str, cls: type[nn.Module], sizes: dict[str, dict], size: str, boosted: bool):
+    """The factory of ``{family}_{size}`` (no booster) or ``{family}_{size}_llm`` (a booster, the default one unless
+    given)."""
+
     def factory(booster: BoosterConfig | dict | None = None, **kwargs) -> nn.Module:
         if boosted and booster is None:
             booster = BoosterConfig()
         if not boosted and booster is not None:
             raise ConfigError(
-                f"vit_{size} has no booster, but the model arguments give one: use vit_{size}_llm, or drop the "
-                "block with --model.kwargs.booster null"
+                f"{family}_{size} has no booster, but the model arguments give one: use {family}_{size}_llm, or "
+                "drop the block with --model.kwargs.booster null"
             )
-        return ViTClassifier(**{**VIT_SIZES[size], **kwargs}, booster=booster)
+        return cls(**{**sizes[size], **kwargs}, booster=booster)
 
     return factory
 
-
-for _size in VIT_SIZES:
-    register_model(f"vit_{_size}")(_vit(_size, boosted=False))
-    register_model(f"vit_{_size}_llm")(_vit(_size, boosted=True))
 
 #: ViViT sizes: the ViT's width and heads, its depth split into spatial (per frame) and temporal blocks.
 VIVIT_SIZES = {
@@ -89,23 +88,10 @@ VIVIT_SIZES = {
 }
 
 
-def _vivit(size: str, boosted: bool):
-    def factory(booster: BoosterConfig | dict | None = None, **kwargs) -> nn.Module:
-        if boosted and booster is None:
-            booster = BoosterConfig()
-        if not boosted and booster is not None:
-            raise ConfigError(
-                f"vivit_{size} has no booster, but the model arguments give one: use vivit_{size}_llm, or drop the "
-                "block with --model.kwargs.booster null"
-            )
-        return ViViTClassifier(**{**VIVIT_SIZES[size], **kwargs}, booster=booster)
-
-    return factory
-
-
-for _size in VIVIT_SIZES:
-    register_model(f"vivit_{_size}")(_vivit(_size, boosted=False))
-    register_model(f"vivit_{_size}_llm")(_vivit(_size, boosted=True))
+for _family, _cls, _sizes in (("vit", ViTClassifier, VIT_SIZES), ("vivit", ViViTClassifier, VIVIT_SIZES)):
+    for _size in _sizes:
+        register_model(f"{_family}_{_size}")(_sized(_family, _cls, _sizes, _size, boosted=False))
+        register_model(f"{_family}_{_size}_llm")(_sized(_family, _cls, _sizes, _size, boosted=True))
 
 
 @register_model("resnet18")

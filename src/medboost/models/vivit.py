@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from medboost.errors import ConfigError
-from medboost.models.booster import BoosterConfig, LLMBooster
+from medboost.models.booster import BoostedViT, BoosterConfig
 from medboost.models.vit import Block, PatchEmbed, as_tuple, init_transformer_weights
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class ViViT(nn.Module):
         return self.norm(h)
 
 
-class ViViTClassifier(nn.Module):
+class ViViTClassifier(BoostedViT):
     """ViViT encoder -> temporal CLS token -> linear head (zero-initialised, as the ViT classifier's); with
     ``booster`` set, an :class:`LLMBooster` runs on the temporal tokens after temporal block ``booster.position``.
 
@@ -147,24 +147,12 @@ class ViViTClassifier(nn.Module):
         drop_path: float = 0.1,
         booster: BoosterConfig | dict | None = None,
     ):
-        super().__init__()
         if spatial_dims != 3:
             raise ConfigError(f"{VOLUMES_ONLY}, got spatial_dims={spatial_dims}")
-        if isinstance(booster, dict):
-            booster = BoosterConfig(**booster)
-        inserts = {booster.position: LLMBooster.from_config(dim, booster)} if booster else None
-        self.encoder = ViViT(
-            in_channels=in_channels, img_size=img_size, frame_depth=frame_depth, patch_size=patch_size, dim=dim,
-            spatial_depth=spatial_depth, temporal_depth=temporal_depth, heads=heads, mlp_ratio=mlp_ratio, drop=drop,
-            drop_path=drop_path, inserts=inserts,
-        )  # fmt: skip
+        super().__init__(locals(), encoder=ViViT)
         self.head = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-
-    @property
-    def booster(self) -> LLMBooster | None:
-        return next(iter(self.encoder.inserts.values()), None)
 
     def saliency_target(self) -> SaliencyTarget:
         """Grad-CAM reads the embedded tokens before any mixing (see medboost.report.saliency), on the
