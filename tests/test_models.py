@@ -192,3 +192,47 @@ def test_model_errors_are_clear(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="model.safetensors: cannot read the model weights"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_conv_stem_gives_the_patch_grid_and_a_seq_pooled_classifier_trains(dims, tmp_path):
+    torch.manual_seed(0)
+    size = (28,) * dims
+    model = create_model("vit_tiny", spatial_dims=dims, img_size=28, patch_size=4, stem="conv", pool="seq")
+    stem = model.encoder.patch_embed
+    assert stem.grid == (7,) * dims and model.encoder.cls_token is None
+    # Two stride-2 stages for patch 4, each a 3x3 convolution + BatchNorm + ReLU, then the 1x1 projection to dim.
+    convs = [m for m in stem.proj.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d)]
+    assert [c.stride for c in convs] == [(2,) * dims, (2,) * dims, (1,) * dims]
+    x = torch.randn(3, 1, *size)
+    torch.nn.init.normal_(model.head.weight)
+    out = model(x)
+    assert out.shape == (3, 2)
+    out.sum().backward()
+    assert convs[0].weight.grad.abs().sum() > 0 and model.attention_pool.weight.grad.abs().sum() > 0
+    weights = model.pool_weights(model.encoder(x))
+    torch.testing.assert_close(weights.sum(1), torch.ones(3))
+    save_pretrained(model.eval(), tmp_path / "m", extra={"task": "multi-class"})  # BatchNorm statistics saved too
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path / "m")(x), model(x), rtol=0, atol=0)
+
+
+def test_pooling_weights_match_forward():
+    torch.manual_seed(0)
+    for pool in ("cls", "mean", "seq"):
+        model = create_model("vit_tiny", img_size=28, patch_size=4, pool=pool).eval()
+        torch.nn.init.normal_(model.head.weight)
+        x = torch.randn(2, 1, 28, 28)
+        with torch.no_grad():
+            tokens = model.encoder(x)
+            pooled = torch.einsum("bt,btd->bd", model.pool_weights(tokens), tokens)
+            torch.testing.assert_close(model.head(pooled), model(x))
+
+
+def test_stem_and_pool_errors_are_clear():
+    with pytest.raises(ConfigError, match="stem must be one of patch, conv, got 'resnet'"):
+        ViT(img_size=28, patch_size=4, stem="resnet")
+    with pytest.raises(ConfigError, match="conv stem needs power-of-two patch sizes"):
+        ViT(img_size=27, patch_size=3, stem="conv")
+    with pytest.raises(ConfigError, match="pool must be one of cls, mean, seq, got 'max'"):
+        create_model("vit_tiny", pool="max")

@@ -90,6 +90,7 @@ def _hit_rate(model: nn.Module, dims: int, explain, n: int = 20) -> float:
         ("vit", 2, 150),
         ("vit_booster", 2, 150),
         ("vit_mean_pool", 2, 150),
+        ("vit_conv_stem_seq_pool", 2, 150),
         ("resnet", 2, 60),
         ("vit", 3, 150),
         ("resnet", 3, 40),
@@ -101,7 +102,8 @@ def test_saliency_peak_is_inside_the_bright_square(name, dims, steps, tiny_llm):
         model = _resnet(dims)
     else:
         booster = _booster(tiny_llm) if name == "vit_booster" else None
-        model = _vit(dims, booster=booster, pool="mean" if name == "vit_mean_pool" else "cls")
+        options = {"vit_mean_pool": dict(pool="mean"), "vit_conv_stem_seq_pool": dict(pool="seq", stem="conv")}
+        model = _vit(dims, booster=booster, **options.get(name, {}))
     model = _train(model, dims, steps)
     assert _hit_rate(model, dims, grad_cam) >= 0.8
     if name != "resnet":

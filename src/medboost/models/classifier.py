@@ -5,15 +5,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medboost.errors import ConfigError
 from medboost.models.booster import BoostedViT, BoosterConfig
 
 
+POOLS = ("cls", "mean", "seq")
+
+
 class ViTClassifier(BoostedViT):
     """ViT encoder -> pooled token -> linear head; with ``booster`` set, an :class:`LLMBooster` runs after the ViT
-    block at ``booster.position`` (R-LLM: after the last block, before the final norm). Arguments are keyword-only."""
+    block at ``booster.position`` (R-LLM: after the last block, before the final norm). Arguments are keyword-only.
+
+    ``pool``: ``"cls"`` (a CLS token), ``"mean"`` (mean of the patch tokens) or ``"seq"`` (sequence pooling of the
+    Compact Convolutional Transformer, Hassani et al. 2021: a learned softmax weighting of the patch tokens).
+    ``stem``: ``"patch"`` or ``"conv"`` (see :class:`~medboost.models.vit.PatchEmbed`)."""
 
     def __init__(
         self,
@@ -23,6 +31,7 @@ class ViTClassifier(BoostedViT):
         num_classes: int = 2,
         img_size: int | Sequence[int] = 28,
         patch_size: int | Sequence[int] = 4,
+        stem: str = "patch",
         dim: int = 192,
         depth: int = 6,
         heads: int = 3,
@@ -32,17 +41,31 @@ class ViTClassifier(BoostedViT):
         pool: str = "cls",
         booster: BoosterConfig | dict | None = None,
     ):
-        if pool not in ("cls", "mean"):
-            raise ConfigError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        if pool not in POOLS:
+            raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         super().__init__(locals(), cls_token=pool == "cls")
         self.pool = pool
+        self.attention_pool = nn.Linear(dim, 1) if pool == "seq" else None
         self.head = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def pool_weights(self, tokens: torch.Tensor) -> torch.Tensor:
+        """How much each final token ``(B, T, D)`` counts in the pooled one: ``(B, T)``, rows summing to 1."""
+        if self.pool == "seq":
+            return self.attention_pool(tokens).squeeze(-1).softmax(dim=-1)
+        if self.pool == "cls":
+            return F.one_hot(torch.zeros_like(tokens[:, 0, 0], dtype=torch.long), tokens.shape[1]).to(tokens.dtype)
+        return torch.full_like(tokens[..., 0], 1.0 / tokens.shape[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder(x)
-        pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(dim=1)
+        if self.pool == "cls":
+            pooled = tokens[:, 0]
+        elif self.pool == "mean":
+            pooled = tokens.mean(dim=1)
+        else:
+            pooled = torch.einsum("bt,btd->bd", self.pool_weights(tokens), tokens)
         return self.head(pooled)
 
 

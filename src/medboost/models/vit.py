@@ -24,13 +24,54 @@ def as_tuple(value: int | Sequence[int], dims: int, what: str) -> tuple[int, ...
     return out
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens, via a strided convolution (2D or 3D)."""
+STEMS = ("patch", "conv")
 
-    def __init__(self, spatial_dims: int, in_channels: int, img_size, patch_size, dim: int):
+
+class ConvStem(nn.Module):
+    """A convolutional tokenizer ("Early Convolutions Help Transformers See Better", Xiao et al. 2021): one 3x3
+    stride-2 convolution + BatchNorm + ReLU per halving of the patch size, widening towards ``dim``, then a 1x1
+    projection to ``dim``. It gives the same token grid as a ``patch``-strided convolution, with overlapping receptive
+    fields and a convolution's locality prior, which is what lets a ViT train from scratch on a few hundred images.
+    A patch size of 1 on an axis keeps stride 1 on it."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, patch_size: tuple[int, ...], dim: int):
+        super().__init__()
+        if any(p & (p - 1) for p in patch_size):
+            raise ConfigError(
+                f"the conv stem needs power-of-two patch sizes (one stride-2 stage each), got {patch_size}"
+            )
+        stages = max(p.bit_length() - 1 for p in patch_size)
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(stages):
+            # Stride 2 on an axis until that axis has been reduced by its own patch size.
+            stride = tuple(2 if p >> i > 1 else 1 for p in patch_size)
+            width = max(dim // 2 ** (stages - i), 16)
+            layers += [
+                conv(channels, width, 3, stride=stride, padding=1, bias=False),
+                norm(width),
+                nn.ReLU(inplace=True),
+            ]
+            channels = width
+        layers.append(conv(channels, dim, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class PatchEmbed(nn.Module):
+    """Image -> one token per ``patch_size`` patch: a strided convolution (``stem="patch"``, the ViT's) or a
+    convolutional tokenizer (``stem="conv"``, :class:`ConvStem`), 2D or 3D."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, img_size, patch_size, dim: int, stem: str = "patch"):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if stem not in STEMS:
+            raise ConfigError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
         self.img_size = as_tuple(img_size, spatial_dims, "img_size")
         self.patch_size = as_tuple(patch_size, spatial_dims, "patch_size")
         for s, p in zip(self.img_size, self.patch_size):
@@ -38,13 +79,19 @@ class PatchEmbed(nn.Module):
                 raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
         self.num_patches = math.prod(self.grid)
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.proj = conv(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        if stem == "conv":
+            self.proj = ConvStem(spatial_dims, in_channels, self.patch_size, dim)
+        else:
+            conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+            self.proj = conv(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"expected input of spatial size {self.img_size}, got {tuple(x.shape[2:])}")
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        tokens = self.proj(x)
+        if tuple(tokens.shape[2:]) != self.grid:  # a conv stem rounds odd sizes up; the grid must stay the patches'
+            raise ValueError(f"the stem gave a {tuple(tokens.shape[2:])} grid for {self.img_size}, not {self.grid}")
+        return tokens.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
 class DropPath(nn.Module):
@@ -183,6 +230,8 @@ class ViT(nn.Module):
         in_channels: input channels.
         img_size: input size (int or per-axis).
         patch_size: patch size (int or per-axis).
+        stem: ``"patch"`` (one strided convolution, the ViT's) or ``"conv"`` (a convolutional tokenizer,
+            :class:`ConvStem`; power-of-two patch sizes).
         dim, depth, heads, mlp_ratio: transformer width, number of blocks, attention heads, MLP expansion.
         drop, drop_path: dropout and stochastic-depth rate (linearly increasing over depth, as in DeiT).
         cls_token: prepend a learned CLS token (classification); segmentation uses patch tokens only.
@@ -198,6 +247,7 @@ class ViT(nn.Module):
         in_channels: int = 1,
         img_size: int | Sequence[int] = 28,
         patch_size: int | Sequence[int] = 4,
+        stem: str = "patch",
         dim: int = 192,
         depth: int = 6,
         heads: int = 3,
@@ -212,7 +262,7 @@ class ViT(nn.Module):
         self.spatial_dims = spatial_dims
         self.dim = dim
         self.depth = depth
-        self.patch_embed = PatchEmbed(spatial_dims, in_channels, img_size, patch_size, dim)
+        self.patch_embed = PatchEmbed(spatial_dims, in_channels, img_size, patch_size, dim, stem)
         n_tokens = self.patch_embed.num_patches + int(cls_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))

@@ -138,15 +138,17 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     try:
         with _eval(model), torch.no_grad():
             cls = int(model(x)[0].argmax())
+            pooling = model.pool_weights(encoder(x))[0]  # (T,): what the head's pooled token is made of
     finally:
         for handle in handles:
             handle.remove()
+    weights = weights[: len(encoder.blocks)]  # the second forward (pooling weights) recorded the blocks again
     eye = torch.eye(weights[0].shape[-1])
     rollout = eye
     for w in weights:  # rows of 0.5 A + 0.5 I already sum to 1: no renormalisation needed
         rollout = (0.5 * w.mean(0) + 0.5 * eye) @ rollout
     skip = int(encoder.cls_token is not None)
-    relevance = rollout[0, skip:] if model.pool == "cls" else rollout[:, skip:].mean(0)  # mean pool: every token
+    relevance = pooling @ rollout[:, skip:]  # the CLS row, the mean of all rows, or the sequence-pooling mix
     return _to_input_size(relevance.reshape(encoder.grid), x), cls
 
 
