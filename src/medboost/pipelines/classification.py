@@ -81,6 +81,8 @@ def train_classifier(cfg: RunConfig, resume: bool = True, make_plots: bool = Tru
         labels, scores = task.test_outputs["labels"], task.test_outputs["scores"]
         names = list(dm.info.labels)
         result["test_report"] = classification_report(labels, scores, dm.task, label_names=names)
+        # Per-case test labels and scores (test-split order): paired comparisons between runs resample these.
+        result["test_outputs"] = {"labels": labels, "scores": scores}
         if bypassed is not None:
             result["booster_contribution"] = contribution_record(dm.task, task.test_outputs, bypassed, probe.norms)
         if cfg.report_best_test_epoch and result["history"]:

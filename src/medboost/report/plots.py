@@ -112,3 +112,28 @@ def overlay(image: np.ndarray, heat: np.ndarray, path: str | Path, title: str = 
     if title:
         fig.suptitle(title, fontsize=8)
     return save_figure(fig, path)
+
+
+def saliency_grid(
+    images: Sequence[np.ndarray], rows: dict[str, Sequence[np.ndarray]], path: str | Path, titles: Sequence[str] = ()
+) -> Path:
+    """The same 2D test images (top row) with each model's heat map over them (one row per model, ``rows`` maps a
+    model's name to its maps in ``images``' order): plain and boosted models read side by side."""
+    fig = new_figure((1.6 * len(images), 1.7 * (1 + len(rows))))
+    axes = np.asarray(fig.subplots(1 + len(rows), len(images), squeeze=False))
+    for j, image in enumerate(images):
+        img = np.asarray(image, dtype=float)
+        img = (img - img.min()) / (np.ptp(img) or 1.0)
+        for i, (name, maps) in enumerate([("image", None), *rows.items()]):
+            ax = axes[i, j]
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+            if maps is not None:
+                extent = (-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5)
+                ax.imshow(maps[j], cmap="jet", alpha=0.45, extent=extent)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if i == 0 and j < len(titles):
+                ax.set_title(titles[j], fontsize=7)
+    return save_figure(fig, path)
