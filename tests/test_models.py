@@ -236,3 +236,11 @@ def test_stem_and_pool_errors_are_clear():
         ViT(img_size=27, patch_size=3, stem="conv")
     with pytest.raises(ConfigError, match="pool must be one of cls, mean, seq, got 'max'"):
         create_model("vit_tiny", pool="max")
+
+
+def test_conv_stem_grid_is_the_ceiling_of_size_over_patch():
+    # 28 -> 14 -> 7 -> 4: three padded stride-2 stages; the patch stem would refuse 28 / 8.
+    vit = ViT(spatial_dims=3, img_size=28, patch_size=8, stem="conv", dim=32, depth=1, heads=2)
+    assert vit.grid == (4, 4, 4) and vit(torch.randn(1, 1, 28, 28, 28)).shape == (1, 1 + 64, 32)
+    with pytest.raises(ConfigError, match="not divisible by patch_size"):
+        ViT(spatial_dims=3, img_size=28, patch_size=8)

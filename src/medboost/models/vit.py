@@ -74,22 +74,25 @@ class PatchEmbed(nn.Module):
             raise ConfigError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
         self.img_size = as_tuple(img_size, spatial_dims, "img_size")
         self.patch_size = as_tuple(patch_size, spatial_dims, "patch_size")
-        for s, p in zip(self.img_size, self.patch_size):
-            if s % p:
-                raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
-        self.num_patches = math.prod(self.grid)
         if stem == "conv":
+            # Each padded stride-2 convolution maps n to ceil(n / 2): any size works, the grid is ceil(size / patch)
+            # (28 px with patch 8 -> 4 x 4: the border patches see zero padding).
+            self.grid = tuple(-(-s // p) for s, p in zip(self.img_size, self.patch_size))
             self.proj = ConvStem(spatial_dims, in_channels, self.patch_size, dim)
         else:
+            for s, p in zip(self.img_size, self.patch_size):
+                if s % p:
+                    raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+            self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
             conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
             self.proj = conv(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.num_patches = math.prod(self.grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"expected input of spatial size {self.img_size}, got {tuple(x.shape[2:])}")
         tokens = self.proj(x)
-        if tuple(tokens.shape[2:]) != self.grid:  # a conv stem rounds odd sizes up; the grid must stay the patches'
+        if tuple(tokens.shape[2:]) != self.grid:  # a broken invariant, not a user error: say what was computed
             raise ValueError(f"the stem gave a {tuple(tokens.shape[2:])} grid for {self.img_size}, not {self.grid}")
         return tokens.flatten(2).transpose(1, 2)  # (B, N, D)
 
@@ -231,7 +234,7 @@ class ViT(nn.Module):
         img_size: input size (int or per-axis).
         patch_size: patch size (int or per-axis).
         stem: ``"patch"`` (one strided convolution, the ViT's) or ``"conv"`` (a convolutional tokenizer,
-            :class:`ConvStem`; power-of-two patch sizes).
+            :class:`ConvStem`; power-of-two patch sizes, a ``ceil(img_size / patch_size)`` grid).
         dim, depth, heads, mlp_ratio: transformer width, number of blocks, attention heads, MLP expansion.
         drop, drop_path: dropout and stochastic-depth rate (linearly increasing over depth, as in DeiT).
         cls_token: prepend a learned CLS token (classification); segmentation uses patch tokens only.
