@@ -7,6 +7,9 @@ from ``qa_template``, empty without one). The split is over subjects (scan id ->
 so every question about a subject, and every scan of it, lands in one split. Batches keep texts as lists (see
 :func:`collate_vl`).
 
+``leak_answer`` is a CONTROL only: it appends each sample's answer to its EHR text (:data:`LEAK_TEMPLATE`), so a
+model that reads the text must answer ~100% correctly; a benchmark runs it to prove that the text path works.
+
 The cache holds each preprocessed volume once (shared by that row's questions) as float16: values lie in [0, 1],
 where float16 keeps ~3 significant digits, and a 224^3 volume takes 22 MB instead of 45 MB. With ``cache_dir`` the
 volumes are kept on disk (``.npy``, keyed by the file's path, size, modification time and ``N``) and read per item.
@@ -33,6 +36,7 @@ from medboost.data.volumes import medblip_preprocessing
 from medboost.errors import ConfigError, DataError
 
 __all__ = [
+    "LEAK_TEMPLATE",
     "FreeQA",
     "VisionLanguageDataModule",
     "VisionLanguageDataset",
@@ -43,6 +47,8 @@ __all__ = [
 ]
 
 _QUESTION_PRESETS = {"ixi": ixi_questions}
+#: How ``leak_answer`` (a control) writes the answer into the EHR text.
+LEAK_TEMPLATE = "{ehr} The answer is {answer}."
 
 
 def resolve_questions(questions: str | Sequence[Question]) -> list[Question]:
@@ -140,7 +146,8 @@ def free_qa(manifest: Manifest, template: EHRTemplate | None, forbidden: Sequenc
 class VisionLanguageDataset(Dataset):
     """Samples ``(volume (1, N, N, N) float32, EHR text, question, answer, candidate answers)``: every row with every
     question, then the row's own question/answer pairs, row by row. :attr:`sample_ids` names them
-    ``"<scan_id>/<question key>"`` (``"<scan_id>/qa<k>"`` for a row's own pairs)."""
+    ``"<scan_id>/<question key>"`` (``"<scan_id>/qa<k>"`` for a row's own pairs). ``leak_answer`` (a control)
+    appends each sample's answer to its EHR text."""
 
     def __init__(
         self,
@@ -149,8 +156,10 @@ class VisionLanguageDataset(Dataset):
         questions: Sequence[Question],
         cache: VolumeCache,
         qa: dict[str, list[FreeQA]] | None = None,
+        leak_answer: bool = False,
     ):
         self.manifest = manifest
+        self.leak_answer = leak_answer
         qa = qa or {}
         self.items: list[tuple[ManifestRow, Question | FreeQA]] = [
             (r, q) for r in rows for q in [*questions, *qa.get(r.scan_id, [])]
@@ -169,8 +178,13 @@ class VisionLanguageDataset(Dataset):
         row, q = self.items[index]
         where = self.manifest.where(row)
         if isinstance(q, FreeQA):
-            return q.ehr_text(row, where), q.question, q.answer, list(q.candidates)
-        return q.ehr_text(row.fields, where), q.text, q.answer(row.fields[q.label_field], where), q.candidates
+            ehr, question, answer, candidates = q.ehr_text(row, where), q.question, q.answer, list(q.candidates)
+        else:
+            ehr, question = q.ehr_text(row.fields, where), q.text
+            answer, candidates = q.answer(row.fields[q.label_field], where), q.candidates
+        if self.leak_answer:
+            ehr = LEAK_TEMPLATE.format(ehr=ehr, answer=answer).strip()
+        return ehr, question, answer, candidates
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str, str, list[str]]:
         return (self.cache.get(self.items[index][0]), *self.texts(index))
@@ -196,6 +210,7 @@ class VisionLanguageDataModule(SplitDataModule[VisionLanguageDataset]):
     The split is read from ``split_file`` (scan ids; it must cover every row and keep subjects whole) or made by
     :func:`~medboost.data.splits.make_split` over subjects with ``seed``; it is fixed before any volume is read.
     All volumes are then preprocessed once at :meth:`setup`, so a bad volume stops the run there, naming its row.
+    ``leak_answer`` is the leakage CONTROL (each answer appended to its EHR text); never a real setting.
     """
 
     def __init__(
@@ -214,6 +229,7 @@ class VisionLanguageDataModule(SplitDataModule[VisionLanguageDataset]):
         seed: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        leak_answer: bool = False,
     ):
         super().__init__(batch_size, num_workers, seed, pin_memory, drop_last)
         if size < 1:
@@ -225,6 +241,7 @@ class VisionLanguageDataModule(SplitDataModule[VisionLanguageDataset]):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.cache_dir = cache_dir
         self.qa_template, self.qa_forbidden = qa_template, tuple(qa_forbidden)
+        self.leak_answer = leak_answer
         self.manifest: Manifest | None = None
         self.split: dict[str, list[str]] = {}
 
@@ -253,7 +270,7 @@ class VisionLanguageDataModule(SplitDataModule[VisionLanguageDataset]):
         datasets = {}
         for s in SPLITS:
             rows = [by_scan[i] for i in self.split[s]]
-            datasets[s] = VisionLanguageDataset(manifest, rows, self.questions, cache, qa)
+            datasets[s] = VisionLanguageDataset(manifest, rows, self.questions, cache, qa, self.leak_answer)
             for i in range(len(datasets[s])):
                 datasets[s].texts(i)  # every text renders (free-question templates too) before any volume is read
         for r in manifest.rows:
@@ -271,4 +288,5 @@ class VisionLanguageDataModule(SplitDataModule[VisionLanguageDataset]):
             "n_subjects": {s: len({self.manifest.groups[i] for i in self.split[s]}) for s in SPLITS},
             "questions": [q.key for q in self.questions],
             "size": self.size,
+            "leak_answer": self.leak_answer,
         }

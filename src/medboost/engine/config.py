@@ -122,6 +122,8 @@ class VisionLanguageDataConfig:
         num_workers: DataLoader worker processes.
         cache_dir: keep preprocessed volumes here as .npy, reused across runs; None: in memory.
         max_new_tokens: length limit of the free-text answers generated at test.
+        leak_answer: a CONTROL, never a real setting: append each sample's answer to its EHR text ("... The answer
+            is Male."), so that a model reading the text must reach ~100% accuracy; proves the text path works.
     """
 
     dataset: str = "ixi"
@@ -136,6 +138,7 @@ class VisionLanguageDataConfig:
     num_workers: int = 0
     cache_dir: str | None = None
     max_new_tokens: int = 16
+    leak_answer: bool = False
 
 
 @dataclass

@@ -39,6 +39,7 @@ from medboost.engine.trainer import fit_and_test, start_run
 from medboost.errors import ConfigError
 from medboost.models import create_model, load_pretrained, save_pretrained
 from medboost.models.hub import read_model_config
+from medboost.models.medblip import MODES
 from medboost.report import plots
 from medboost.tasks.vision_language import VisionLanguageTask
 
@@ -157,17 +158,29 @@ def model_folder(path: str | Path) -> Path:
 
 
 def evaluate_saved(
-    path: str | Path, manifest: str | Path | None = None, split: str = "test", out_dir: str | Path | None = None
+    path: str | Path,
+    manifest: str | Path | None = None,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved MedBLIP model as the run's test stage does: on ``split`` of the data it was trained on, or
-    on EVERY row of another ``manifest`` (an external set, no split). Writes ``predictions.csv`` and confusion
-    matrices to ``out_dir`` when given. Returns ``{"test": metrics, "test_report": per-question tables}``."""
+    on EVERY row of another ``manifest`` (an external set, no split). ``mode`` evaluates it in another input mode
+    than it was trained in (``"image"``: the EHR left out of every prompt, the image-only control of a model trained
+    on image + text; None: its own). Writes ``predictions.csv`` and confusion matrices to ``out_dir`` when given.
+    Returns ``{"test": metrics, "test_report": per-question tables}``."""
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     folder = model_folder(path)
     record = read_model_config(folder)
     d = VisionLanguageDataConfig(**record["data"])
     dataset = _eval_dataset(d, record["seed"], manifest, split)
     loader = DataLoader(WithIndex(dataset), batch_size=record["eval_batch_size"], collate_fn=collate_vl)
     model = load_pretrained(folder)
+    if mode is not None:
+        if mode != "text" and getattr(model, "image_encoder", None) is None:
+            raise ConfigError(f"{folder}: a model without an image encoder cannot be evaluated in mode {mode!r}")
+        model.mode = mode
     width = max(len(dataset.texts(i)[3]) for i in range(len(dataset)))
     task = VisionLanguageTask(
         model, OptimConfig(), {"test": dataset.sample_ids}, width, max_new_tokens=d.max_new_tokens
@@ -195,7 +208,7 @@ def _eval_dataset(d: VisionLanguageDataConfig, seed: int, manifest: str | Path |
     questions = resolve_questions(d.questions)
     table = read_manifest(manifest, questions)
     cache = VolumeCache(table, d.size, d.cache_dir)
-    return VisionLanguageDataset(table, table.rows, questions, cache, free_qa(table, None))
+    return VisionLanguageDataset(table, table.rows, questions, cache, free_qa(table, None), d.leak_answer)
 
 
 def ask(path: str | Path, image: str | Path, ehr: str, question: str, candidates: Sequence[str] = ()) -> dict:
