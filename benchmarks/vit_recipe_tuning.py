@@ -1,0 +1,167 @@
+"""Tuning the no-block ViT recipe for small MedMNIST sets, on VALIDATION only.
+
+    python benchmarks/vit_recipe_tuning.py --dataset breastmnist                   # every candidate, seed 0
+    python benchmarks/vit_recipe_tuning.py --dataset breastmnist --candidates r1 r2
+
+Each candidate is the shared CPU recipe (``medboost.pipelines.demo.cpu_recipe``) with a few changes, trained once
+(seed 0). The table lists the best validation AUC, the validation ACC at that epoch beside the majority-class share
+of the validation split, the epoch it came from and the wall time. Test scores are written by every run (the
+pipeline always tests the selected checkpoint) but are NOT read here: the recipe is chosen on validation, and the test
+split is looked at once, by ``benchmarks/medmnist_boost.py``. Results go to
+``benchmarks/results/vit_recipe_tuning_<dataset>.{md,json}`` (each candidate's config beside its row); finished runs
+are reused, so the table can be grown a few candidates at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from medboost.data.medmnist import MedMNISTDataModule
+from medboost.engine.config import ModelConfig, RunConfig
+from medboost.engine.records import environment, write_json
+from medboost.engine.trainer import finished_result
+from medboost.errors import MedboostError
+from medboost.pipelines.classification import train_classifier
+from medboost.pipelines.demo import cpu_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "medmnist"
+
+#: The ViT of the benchmark before this tuning (one strided patch convolution, a CLS token).
+PATCH_VIT = dict(patch_size=4, dim=192, depth=4, heads=3, drop_path=0.1)
+#: A convolutional tokenizer and sequence pooling (Xiao et al. 2021; Hassani et al. 2021), same width and depth.
+CONV_VIT = dict(PATCH_VIT, stem="conv", pool="seq")
+
+
+def _set(**changes) -> Callable[[RunConfig], None]:
+    """A candidate's changes to the shared recipe, as ``section.key=value`` (``model.kwargs`` replaced whole)."""
+
+    def apply(cfg: RunConfig) -> None:
+        for key, value in changes.items():
+            section, name = key.split("__")
+            setattr(getattr(cfg, section), name, value)
+
+    return apply
+
+
+#: name -> (what changes, epochs, edit of the shared recipe). On 3D sets the patch size is set per stem, see
+#: ``candidate_config``.
+CANDIDATES: dict[str, tuple[str, int, Callable[[RunConfig], None]]] = {
+    "r0": ("the old recipe: patch stem, CLS, batch 64, 20 epochs", 20, _set()),
+    "r1": ("conv stem + sequence pooling, batch 64, 20 epochs", 20, _set(model__kwargs=CONV_VIT)),
+    "r2": ("r1, batch 32, 60 epochs", 60, _set(model__kwargs=CONV_VIT, data__batch_size=32)),
+    "r3": (
+        "r2 + mixup 0.8 / cutmix 1.0",
+        60,
+        _set(model__kwargs=CONV_VIT, data__batch_size=32, loss__mixup=0.8, loss__cutmix=1.0),
+    ),
+    "r4": ("r2 + EMA 0.999", 60, _set(model__kwargs=CONV_VIT, data__batch_size=32, trainer__ema_decay=0.999)),
+    "r5": ("r2, lr 1e-3", 60, _set(model__kwargs=CONV_VIT, data__batch_size=32, optim__lr=1e-3)),
+    "r6": ("r2, patch stem + CLS (the stem's share)", 60, _set(data__batch_size=32)),
+    "r7": ("r2, 6 blocks", 60, _set(model__kwargs=dict(CONV_VIT, depth=6), data__batch_size=32)),
+    "r8": ("r2, 150 epochs", 150, _set(model__kwargs=CONV_VIT, data__batch_size=32)),
+    "r9": ("r2, batch 16", 60, _set(model__kwargs=CONV_VIT, data__batch_size=16)),
+}
+
+
+def candidate_config(dataset: str, name: str, data_dir: str, runs: Path) -> RunConfig:
+    _, epochs, edit = CANDIDATES[name]
+    model = ModelConfig("vit_tiny", dict(PATCH_VIT))
+    cfg = cpu_recipe(dataset, model, f"{dataset}/{name}/seed0", 0, epochs, str(runs), data_dir, progress=False)
+    edit(cfg)
+    cfg.model.kwargs = dict(cfg.model.kwargs)
+    if dataset.endswith("3d"):  # 28^3 volumes, a 4^3 token grid either way: 7^3 patches, or 3 stride-2 conv stages
+        cfg.model.kwargs["patch_size"] = 8 if cfg.model.kwargs.get("stem") == "conv" else 7
+    cfg.optim.warmup_epochs = max(1, epochs // 10)
+    return cfg
+
+
+def majority_share(cfg: RunConfig, split: str) -> float:
+    dm = MedMNISTDataModule(dataset=cfg.data.dataset, data_dir=cfg.data.data_dir)
+    dm.setup()
+    labels = np.asarray(dm.dataset(split).labels).reshape(len(dm.dataset(split)), -1)[:, 0]
+    return float(np.bincount(labels).max() / len(labels))
+
+
+def row(name: str, result: dict) -> dict:
+    best = next(e for e in result["history"] if e["epoch"] == result["best_epoch"])
+    return {
+        "candidate": name,
+        "what": CANDIDATES[name][0],
+        "epochs": result["config"]["trainer"]["max_epochs"],
+        "val_auc": result["best_val"],
+        "val_acc": best.get("val_acc"),
+        "best_epoch": result["best_epoch"],
+        "seconds_per_epoch": result["seconds_per_epoch"],
+        "wall_minutes": result.get("wall_seconds", float("nan")) / 60,
+        "parameters": result["model"]["parameters"],
+        "config": result["config"],
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        *[f"`{c}`  " for c in report["commands"]],
+        "",
+        f"{report['date']} · torch {report['environment']['versions']['torch']} · "
+        f"{report['environment']['cpu_threads']} CPU threads · seed 0 · validation split only "
+        f"(majority-class share of val: {report['val_majority_share']:.3f})",
+        "",
+        "| candidate | what | epochs | best val AUC | val ACC there | best epoch | s/epoch | wall min | params |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        acc = f"{r['val_acc']:.3f}" if r["val_acc"] is not None else "n/a"
+        lines.append(
+            f"| {r['candidate']} | {r['what']} | {r['epochs']} | {r['val_auc']:.3f} | {acc} | {r['best_epoch']} | "
+            f"{r['seconds_per_epoch']:.1f} | {r['wall_minutes']:.1f} | {r['parameters'] / 1e6:.2f} M |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="breastmnist")
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--runs-dir", default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "vit-tuning"))
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    out = Path(args.results) / f"vit_recipe_tuning_{args.dataset}"
+    # Rows of earlier invocations are kept: the table grows candidate by candidate.
+    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    rows = {r["candidate"]: r for r in previous.get("rows", [])}
+    command = "python " + " ".join(["benchmarks/vit_recipe_tuning.py", *sys.argv[1:]])
+    report = {
+        "commands": [*previous.get("commands", [previous["command"]] if "command" in previous else []), command],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+    }
+    for name in args.candidates:
+        cfg = candidate_config(args.dataset, name, args.data_dir, Path(args.runs_dir))
+        report.setdefault("val_majority_share", majority_share(cfg, "val"))
+        started = time.perf_counter()
+        print(f"{args.dataset} {name}: {CANDIDATES[name][0]}", flush=True)
+        result = finished_result(cfg) or train_classifier(cfg, make_plots=False)
+        rows[name] = row(name, result)
+        print(f"  val AUC {rows[name]['val_auc']:.3f} in {time.perf_counter() - started:.0f} s", flush=True)
+        report["rows"] = [rows[k] for k in CANDIDATES if k in rows]
+        write_json(out.with_suffix(".json"), report)
+        out.with_suffix(".md").write_text(markdown(report))
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except MedboostError as err:
+        sys.exit(f"error: {err}")
