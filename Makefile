@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Where the MedMNIST files are; empty means the default search path ($$MEDBOOST_DATA, ~/.medmnist) and download.
 DATA_DIR ?= $(firstword $(wildcard ../shared/data/medmnist))
-EPOCHS ?= 20
+EPOCHS ?= 40
 
 .PHONY: setup demo test lint clean
 

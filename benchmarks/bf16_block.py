@@ -59,7 +59,7 @@ def step_timer(cfg: RunConfig):
     model = build_model(cfg, dm).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = next(iter(dm.train_dataloader()))[:2]
     autocast = cfg.trainer.precision == "bf16-mixed"
 
     def step() -> float:

@@ -76,6 +76,7 @@ def candidate_config(dataset: str, name: str, data_dir: str, runs: Path) -> RunC
     _, epochs, edit = CANDIDATES[name]
     model = ModelConfig("vit_tiny", dict(PATCH_VIT))
     cfg = cpu_recipe(dataset, model, f"{dataset}/{name}/seed0", 0, epochs, str(runs), data_dir, progress=False)
+    cfg.data.batch_size = 64  # the tuning's starting point (the shared recipe is now its outcome, batch 16)
     edit(cfg)
     cfg.model.kwargs = dict(cfg.model.kwargs)
     if dataset.endswith("3d"):  # 28^3 volumes, a 4^3 token grid either way: 7^3 patches, or 3 stride-2 conv stages

@@ -137,11 +137,11 @@ def _print_questions(cfg, result: dict) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from medboost.pipelines.demo import run_demo
+    from medboost.pipelines.demo import DEMO_EPOCHS, run_demo
 
     run_demo(
         dataset=args.dataset,
-        epochs=args.epochs,
+        epochs=args.epochs or DEMO_EPOCHS,
         output_dir=args.output_dir,
         data_dir=args.data_dir,
         seed=args.seed,
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (train, demo):
         command.add_argument("--verbose", action="store_true", help="show every library message and warning")
     demo.add_argument("--dataset", default="breastmnist")
-    demo.add_argument("--epochs", type=int, default=20)
+    demo.add_argument("--epochs", type=int, default=None, help="epochs of every arm (default 40)")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--data-dir", default=None, help="folder holding the MedMNIST .npz (default: search path)")
     demo.add_argument("--seed", type=int, default=0)
