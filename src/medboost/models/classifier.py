@@ -11,7 +11,6 @@ from torch import nn
 from medboost.errors import ConfigError
 from medboost.models.booster import BoostedViT, BoosterConfig
 
-
 POOLS = ("cls", "mean", "seq")
 
 
