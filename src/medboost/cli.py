@@ -14,6 +14,7 @@ def _cmd_llm_list(args) -> int:
     from rich.table import Table
 
     from medboost.llm import PRESETS, supported_model_types
+    from medboost.llm.causal_lm import WHOLE_MODEL_ONLY
 
     table = Table(title="LLM presets (medboost llm inspect NAME)")
     for column in ("name", "default layer", "weights", "description"):
@@ -29,7 +30,8 @@ def _cmd_llm_list(args) -> int:
         table.add_row(preset.name, str(preset.default_layer), where, preset.description)
     console = Console(width=200)
     console.print(table)
-    console.print("architectures: " + ", ".join(supported_model_types()))
+    console.print("architectures (single layers and whole models): " + ", ".join(supported_model_types()))
+    console.print("whole causal LMs only (MedBLIP's frozen LLM): " + ", ".join(sorted(WHOLE_MODEL_ONLY)))
     console.print("sources: a preset, a .gguf file, a Hugging Face folder or hub id (org/name), a Meta checkpoint")
     return 0
 
