@@ -408,6 +408,19 @@ def image_only_arm(budget: Budget, data: dict, runs: Path, log) -> dict[str, Any
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line as recorded: the ``--note`` text is shown under the header, not repeated in the command."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--note":
+            skip = True
+        elif not item.startswith("--note="):
+            out.append(item)
+    return out
+
+
 def _share(batches: float | int) -> str:
     return f"{batches:.0%}" if isinstance(batches, float) else f"{batches} batch(es)"
 
@@ -463,8 +476,9 @@ def markdown(report: dict) -> str:
         "",
         f"{report['date']} · torch {env['versions']['torch']} · {env['cpu_threads']} CPU threads "
         f"(OMP_NUM_THREADS={report['omp_num_threads']}) · {env['cuda'] or 'no GPU'} · wall time "
-        f"{report['wall_seconds'] / 60:.1f} min",
+        f"{report['wall_seconds'] / 60:.1f} min (runs reused from earlier invocations are not counted)",
         "",
+        *([report["note"], ""] if report.get("note") else []),
         f"IXI T1 2 mm, data MD5 `{report['data_md5']}`; split `{report['split_file']}` (MD5 of the file "
         f"`{report['split_file_md5']}`, of its ids `{report['split_md5']}`), subjects {report['n_subjects']}; "
         f"manifest MD5 `{report['manifest_md5']}`. Budget for every trained arm: {budget['epochs']} epoch(s) x "
@@ -534,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         help="run folders and the volume cache (--quick / --smoke use their own subfolder)",
     )
     parser.add_argument("--results", default=None, help="results folder (default benchmarks/results; smoke: runs dir)")
+    parser.add_argument(
+        "--note", default=None, help="how the runs were made, written under the header (e.g. when they were reused)"
+    )
     args = parser.parse_args(argv)
     kind = "smoke" if args.smoke else "quick" if args.quick else "full"
     budget = BUDGETS[kind]
@@ -553,9 +570,11 @@ def main(argv: list[str] | None = None) -> int:
     split_path = Path(data["split_file"])
     d = majority_result["data"]
     report: dict[str, Any] = {
-        "command": "python " + " ".join(["benchmarks/vision_language.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": "python "
+        + " ".join(["benchmarks/vision_language.py", *_without_note(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "note": args.note,
         "budget": dataclasses.asdict(budget),
         "data_md5": data_md5(IXI_ROOT),
         "split_file": str(split_path.relative_to(REPO) if split_path.is_relative_to(REPO) else split_path),
