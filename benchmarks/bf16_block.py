@@ -26,11 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_io import run, write_report
 
 from medboost.engine.config import ModelConfig, RunConfig
-from medboost.engine.records import environment, write_json
+from medboost.engine.records import environment
 from medboost.engine.trainer import finished_result
-from medboost.errors import MedboostError
 from medboost.pipelines.classification import build_datamodule, build_model, train_classifier
 from medboost.pipelines.demo import CPU_EPOCHS, cpu_recipe, vit_kwargs
 
@@ -150,16 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                 "val_auc": r["best_val"],
                 "seconds_per_epoch": r["seconds_per_epoch"],
             }
-            write_json(out.with_suffix(".json"), report)
-            out.with_suffix(".md").write_text(markdown(report))
-    write_json(out.with_suffix(".json"), report)
-    out.with_suffix(".md").write_text(markdown(report))
-    print(out.with_suffix(".md").read_text())
+            write_report(out, report, markdown)  # keep finished variants
+    print(write_report(out, report, markdown).read_text())
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MedboostError as err:
-        sys.exit(f"error: {err}")
+    run(main)

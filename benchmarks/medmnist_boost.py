@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_io import run, write_report
 from torch.utils.flop_counter import FlopCounterMode
 
 from medboost.engine.config import ModelConfig, RunConfig
-from medboost.engine.records import environment, write_json
+from medboost.engine.records import environment
 from medboost.engine.trainer import finished_result
-from medboost.errors import MedboostError
 from medboost.metrics.classification import get_auc
 from medboost.metrics.paired import paired_difference
 from medboost.models import load_pretrained
@@ -280,9 +280,7 @@ def arm_summary(results: list[dict], flops: int) -> dict:
 
 def write_outputs(report: dict, args, tag: str, seconds: float) -> None:
     report["wall_seconds"] = seconds
-    out = Path(args.results)
-    write_json(out / f"{tag}.json", report)
-    (out / f"{tag}.md").write_text(markdown(report))
+    write_report(Path(args.results) / tag, report, markdown)
 
 
 def _pm(pair) -> str:
@@ -356,7 +354,4 @@ def markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MedboostError as err:  # a stored run made with another config, missing data, ...: one message, exit 2
-        sys.exit(f"error: {err}")
+    run(main)

@@ -20,10 +20,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench_io import run, write_report
+
 from medboost.engine.config import ModelConfig, OptimConfig, RunConfig, SegmentationDataConfig, TrainerConfig
-from medboost.engine.records import environment, write_json
+from medboost.engine.records import environment
 from medboost.engine.trainer import finished_result
-from medboost.errors import MedboostError
 from medboost.pipelines.segmentation import train_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,14 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_one(recipe(dataset, model, arm, seed, epochs, Path(args.runs_dir), train_fraction)))
             entry["arms"][arm] = arm_summary(results)
             report["wall_seconds"] = time.perf_counter() - started
-            write_json(Path(args.results) / f"{tag}.json", report)
-            (Path(args.results) / f"{tag}.md").write_text(markdown(report))
+            write_report(Path(args.results) / tag, report, markdown)
     print((Path(args.results) / f"{tag}.md").read_text())
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MedboostError as err:  # a stored run made with another config, missing data, ...: one message, exit 2
-        sys.exit(f"error: {err}")
+    run(main)

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_io import run, write_report
 from segmentation_boost import mean_std
 from torch.utils.data import Dataset
 
@@ -592,8 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     def write() -> None:
         report["environment"] = environment()  # after the first run has set the thread count
         report["wall_seconds"] = time.perf_counter() - started
-        write_json(results_dir / f"{tag}.json", report)
-        (results_dir / f"{tag}.md").write_text(markdown(report))
+        write_report(results_dir / tag, report, markdown)
 
     for arm in chosen:
         if arm == "majority":
@@ -616,7 +616,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MedboostError as err:  # a stored run made with another config, missing data, ...: one message, exit 2
-        sys.exit(f"error: {err}")
+    run(main)

@@ -23,12 +23,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from bench_io import run, write_report
 
 from medboost.data.medmnist import MedMNISTDataModule
 from medboost.engine.config import ModelConfig, RunConfig
-from medboost.engine.records import environment, write_json
+from medboost.engine.records import environment
 from medboost.engine.trainer import finished_result
-from medboost.errors import MedboostError
 from medboost.pipelines.classification import train_classifier
 from medboost.pipelines.demo import cpu_recipe
 
@@ -155,14 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = row(name, result)
         print(f"  val AUC {rows[name]['val_auc']:.3f} in {time.perf_counter() - started:.0f} s", flush=True)
         report["rows"] = [rows[k] for k in CANDIDATES if k in rows]
-        write_json(out.with_suffix(".json"), report)
-        out.with_suffix(".md").write_text(markdown(report))
+        write_report(out, report, markdown)
     print(out.with_suffix(".md").read_text())
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MedboostError as err:
-        sys.exit(f"error: {err}")
+    run(main)

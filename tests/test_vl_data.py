@@ -11,24 +11,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from vl_fixtures import IXI, QUESTION, ROOT
 
-from medboost.data.clinical_text import EHRTemplate, Question
+from medboost.data.clinical_text import EHRTemplate
 from medboost.data.splits import load_split, make_split, save_split
 from medboost.data.vision_language import VisionLanguageDataModule, collate_vl
 from medboost.data.vl_manifest import AGE_GROUPS, age_group, ixi_questions, read_manifest, write_ixi_manifest
 from medboost.errors import DataError
 
-ROOT = Path(__file__).parents[1]
-IXI = ROOT.parent / "shared" / "data" / "brain" / "ixi_2mm"
 IXI_SPLIT = ROOT / "benchmarks" / "splits" / "ixi_vl.json"
-
-QUESTION = Question(
-    "diagnosis",
-    "What will this subject be diagnosed with?",
-    "label",
-    {"CN": "Not demented", "AD": "Dementia"},
-    EHRTemplate(["A {age}-year-old subject."], formats={"age": "years"}),
-)
 
 
 def _volume(path: Path, fill: float | None = None) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from vl_fixtures import IXI, QUESTION, ROOT
 
-from medboost.data.clinical_text import EHRTemplate, Question
 from medboost.data.vision_language import (
     LEAK_TEMPLATE,
     VisionLanguageDataModule,
@@ -19,17 +19,6 @@ from medboost.data.vision_language import (
 )
 from medboost.data.vl_manifest import ixi_questions, read_manifest, write_ixi_manifest
 from medboost.engine.config import VisionLanguageDataConfig, load_config, section_kwargs
-
-ROOT = Path(__file__).parents[1]
-IXI = ROOT.parent / "shared" / "data" / "brain" / "ixi_2mm"
-
-QUESTION = Question(
-    "diagnosis",
-    "What will this subject be diagnosed with?",
-    "label",
-    {"CN": "Not demented", "AD": "Dementia"},
-    EHRTemplate(["A {age}-year-old subject."], formats={"age": "years"}),
-)
 
 
 def _manifest(tmp_path: Path, n: int = 10) -> Path:
