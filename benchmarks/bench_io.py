@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from pathlib import Path
 
-from medboost.engine.records import write_json
+from medboost.engine.records import environment, write_json
 from medboost.errors import MedboostError
 
 
@@ -16,6 +18,38 @@ def write_report(stem: Path, report: dict, markdown: Callable[[dict], str]) -> P
     md = stem.with_suffix(".md")
     md.write_text(markdown(report))
     return md
+
+
+def _stored(stem: Path) -> dict:
+    path = stem.with_suffix(".json")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def growing_report(stem: Path, script: str, note: str = "") -> tuple[dict, dict[str, dict]]:
+    """A tuning table that grows over invocations (a few candidates at a time): the new report header (every command
+    so far, date, environment, notes) and the earlier rows by candidate."""
+    previous = _stored(stem)
+    commands = previous.get("commands", [previous["command"]] if "command" in previous else [])
+    notes = dict.fromkeys(n for n in (previous.get("note", ""), note) if n)
+    report = {
+        "commands": [*commands, "python " + " ".join([script, *sys.argv[1:]])],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "note": " ".join(notes),
+    }
+    return report, {r["candidate"]: r for r in previous.get("rows", [])}
+
+
+def add_row(
+    stem: Path, report: dict, rows: dict[str, dict], row: dict, order: Iterable[str], markdown: Callable[[dict], str]
+) -> None:
+    """Record one candidate's row and write the report, in ``order``, keeping the rows that another invocation running
+    side by side has written meanwhile."""
+    rows[row["candidate"]] = row
+    for other in _stored(stem).get("rows", []):
+        rows.setdefault(other["candidate"], other)
+    report["rows"] = [rows[k] for k in order if k in rows]
+    write_report(stem, report, markdown)
 
 
 def run(main: Callable[[], int]) -> None:

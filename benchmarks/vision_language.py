@@ -123,6 +123,9 @@ def medblip_config(arm: str, seed: int, budget: Budget, data: dict[str, Any], ru
     cfg.model.kwargs = {**cfg.model.kwargs, "mode": mode}
     if mode == "text":  # no image path at all, so that its parameter counts are the ones it uses
         cfg.model.kwargs["image_encoder"] = None
+        # ... and no learning rates for the image-path parts it does not have (the rest of the recipe is kept).
+        image_parts = ("image_encoder.", "ln_vision.")
+        cfg.optim.lr_scale = {k: v for k, v in cfg.optim.lr_scale.items() if not k.startswith(image_parts)}
     _set_budget(cfg, budget, seed, runs, arm)
     return cfg
 

@@ -15,19 +15,15 @@ are reused, so the table can be grown a few candidates at a time.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from bench_io import run, write_report
+from bench_io import add_row, growing_report, run
 
 from medboost.data.medmnist import MedMNISTDataModule
 from medboost.engine.config import ModelConfig, RunConfig
-from medboost.engine.records import environment
 from medboost.engine.trainer import finished_result
 from medboost.pipelines.classification import train_classifier
 from medboost.pipelines.demo import cpu_recipe
@@ -137,25 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     out = Path(args.results) / f"vit_recipe_tuning_{args.dataset}"
-    # Rows of earlier invocations are kept: the table grows candidate by candidate.
-    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
-    rows = {r["candidate"]: r for r in previous.get("rows", [])}
-    command = "python " + " ".join(["benchmarks/vit_recipe_tuning.py", *sys.argv[1:]])
-    report = {
-        "commands": [*previous.get("commands", [previous["command"]] if "command" in previous else []), command],
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(),
-    }
+    report, rows = growing_report(out, "benchmarks/vit_recipe_tuning.py")
     for name in args.candidates:
         cfg = candidate_config(args.dataset, name, args.data_dir, Path(args.runs_dir))
         report.setdefault("val_majority_share", majority_share(cfg, "val"))
         started = time.perf_counter()
         print(f"{args.dataset} {name}: {CANDIDATES[name][0]}", flush=True)
         result = finished_result(cfg) or train_classifier(cfg, make_plots=False)
-        rows[name] = row(name, result)
+        add_row(out, report, rows, row(name, result), CANDIDATES, markdown)
         print(f"  val AUC {rows[name]['val_auc']:.3f} in {time.perf_counter() - started:.0f} s", flush=True)
-        report["rows"] = [rows[k] for k in CANDIDATES if k in rows]
-        write_report(out, report, markdown)
     print(out.with_suffix(".md").read_text())
     return 0
 

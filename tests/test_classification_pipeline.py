@@ -377,3 +377,14 @@ def test_bf16_mixed_precision_with_ema_and_early_stopping(tmp_path):
     tested = (_same(recorder.tested, recorder.ema_at[best_step]), _same(recorder.tested, recorder.raw_at[best_step]))
     assert tested == (True, False), "(tested == EMA, tested == raw): test must evaluate the EMA weights"
     assert _same(_weights(load_pretrained(cfg.run_dir / "model")), recorder.ema_at[best_step])
+
+
+def test_trainer_monitor_chooses_the_selection_metric_and_minimises_a_loss(tmp_path):
+    data = tmp_path / "data"
+    write_npz(data, "breastmnist")
+    cfg = load_config(None, _overrides(data, tmp_path / "runs", epochs=3, **{"trainer.monitor": "val_loss"}))
+    result = train_classifier(cfg, make_plots=False)
+    losses = {e["epoch"]: e["val_loss"] for e in result["history"]}
+    assert result["monitor"] == "val_loss" and len(losses) == 3
+    assert result["best_epoch"] == min(losses, key=losses.get)
+    assert result["best_val"] == pytest.approx(min(losses.values()))

@@ -9,7 +9,7 @@ import torch
 
 from medboost.data.medmnist_info import get_info
 from medboost.engine.config import OptimConfig, load_config
-from medboost.engine.optim import build_optimizer, lr_factor
+from medboost.engine.optim import build_optimizer, build_scheduler, lr_factor
 from medboost.engine.records import write_json
 from medboost.engine.trainer import finished_result
 from medboost.errors import ConfigError
@@ -82,6 +82,12 @@ def test_config_differences_and_finished_run_reuse(tmp_path):
         r"\(model.kwargs.dim, trainer.max_epochs differ\)",
     ):
         finished_result(other)
+    # A run stored before optim.lr_scale existed matches the default (no scaling), and only that.
+    before = {**stored, "optim": {k: v for k, v in stored["optim"].items() if k != "lr_scale"}}
+    assert cfg.differences(before) == []
+    scaled = load_config(None, {"output_dir": str(tmp_path), "trainer.max_epochs": 10, "model.kwargs": {"dim": 64}})
+    scaled.optim.lr_scale = {"head.*": 10}
+    assert scaled.differences(before) == ["optim.lr_scale"]
     (cfg.run_dir / "result.json").write_text('{"config": ')  # truncated
     with pytest.raises(ConfigError, match="result.json: unreadable"):
         finished_result(cfg)
@@ -106,3 +112,28 @@ def test_frozen_parameters_never_reach_the_optimizer():
     model.requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         build_optimizer(model, OptimConfig())
+
+
+def test_lr_scale_gives_matching_parameters_their_own_rate_through_the_schedule():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    cfg = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1, lr_scale={"0.*": 10, "2.weight": 2})
+    opt = build_optimizer(model, cfg)
+    rate = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert rate[id(model[0].weight)] == pytest.approx((1e-2, 0.05))
+    assert rate[id(model[0].bias)] == pytest.approx((1e-2, 0.0))
+    assert rate[id(model[2].weight)] == pytest.approx((2e-3, 0.05))
+    assert rate[id(model[1].weight)] == pytest.approx((1e-3, 0.0)) and rate[id(model[2].bias)] == pytest.approx(
+        (1e-3, 0)
+    )
+    # The warm-up and schedule scale every group's own rate.
+    build_scheduler(opt, cfg, steps_per_epoch=4, max_epochs=2)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([1e-3 / 4, 2e-3 / 4, 1e-2 / 4, 1e-2 / 4])
+
+
+def test_lr_scale_refuses_a_pattern_that_matches_nothing_and_a_bad_factor():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[1].requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"\['1\.\*'\] match no trainable parameter"):
+        build_optimizer(model, OptimConfig(lr_scale={"0.*": 2, "1.*": 2}))
+    with pytest.raises(ConfigError, match="must be a positive number"):
+        build_optimizer(model, OptimConfig(lr_scale={"0.*": 0}))

@@ -105,11 +105,25 @@ def test_llm_layer_stack(llama_dir, dim):
         assert encoder.proj_in.weight.grad.abs().sum() > 0
 
 
+def test_conv_stem_gives_the_same_token_grid_and_learns_through_the_frozen_stack(llama_dir):
+    encoder = ImageEncoder3D(llama_dir, kind="llm", img_size=SIZE, patch_size=PATCH, stem="conv")
+    assert encoder.num_patches == (SIZE // PATCH) ** 3
+    out = encoder(torch.randn(2, 1, SIZE, SIZE, SIZE))
+    assert out.shape == (2, 9, 64)
+    encoder.train()
+    out.square().mean().backward()
+    first_conv = encoder.patch_embed.proj.layers[0]
+    assert isinstance(first_conv, torch.nn.Conv3d) and first_conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in encoder.encoder.parameters())
+
+
 def test_bad_options(tmp_path, llama_dir):
     with pytest.raises(ConfigError, match="kind"):
         ImageEncoder3D(llama_dir, kind="cnn", img_size=SIZE, patch_size=PATCH)
     with pytest.raises(ConfigError, match="inflate_patch"):
         ImageEncoder3D(llama_dir, kind="llm", img_size=SIZE, patch_size=PATCH, inflate_patch=True)
+    with pytest.raises(ConfigError, match="needs stem='patch'"):
+        ImageEncoder3D(llama_dir, kind="vision", img_size=SIZE, patch_size=PATCH, inflate_patch=True, stem="conv")
     T.BertModel(tiny_config("bert")).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="not supported"):
         ImageEncoder3D(tmp_path, img_size=SIZE, patch_size=PATCH)

@@ -171,6 +171,9 @@ class OptimConfig:
         gamma: multistep decay factor.
         min_lr: floor of the cosine schedule.
         grad_clip: clip the gradient norm to this value; None does not clip.
+        lr_scale: learning-rate multipliers by parameter-name pattern (``fnmatch``; the first matching pattern wins),
+            e.g. ``{"image_encoder.*": 10}`` for randomly initialised parts beside pre-trained ones. Every pattern must
+            match a trainable parameter.
     """
 
     name: Literal["adam", "adamw", "sgd"] = "adamw"
@@ -183,6 +186,7 @@ class OptimConfig:
     gamma: float = 0.1
     min_lr: float = 0.0
     grad_clip: float | None = None
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -235,6 +239,9 @@ class TrainerConfig:
         log_every_n_steps: logging interval of step-level metrics.
         progress: show the progress bar.
         deterministic: use deterministic algorithms only.
+        monitor: the logged validation metric that selects the checkpoint (and drives early stopping); None: the
+            task's own (classification ``val_auc``, segmentation ``val_dice``, vision-language ``val_acc``). A name
+            with ``loss`` in it is minimised, any other maximised.
     """
 
     max_epochs: int = 100
@@ -250,6 +257,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     progress: bool = True
     deterministic: bool = False
+    monitor: str | None = None
 
     def lightning_kwargs(self) -> dict[str, Any]:
         """The fields that are Lightning Trainer arguments, by name."""
@@ -302,7 +310,11 @@ class RunConfig:
     def differences(self, stored: dict) -> list[str]:
         """Keys (``section.key``) whose value in a stored config dict differs from this config. Settings that do not
         change what is trained (progress bars, download permission) are ignored."""
-        return [key for key, (a, b) in _flat_diff(self.to_dict(), stored).items() if key not in _COSMETIC]
+        return [
+            key
+            for key, (a, b) in _flat_diff(self.to_dict(), stored).items()
+            if key not in _COSMETIC and not (key in _ADDED_LATER and b is None and a == _ADDED_LATER[key])
+        ]
 
     @property
     def dataset_name(self) -> str:
@@ -368,7 +380,11 @@ def _data_section(cls: type[RunConfig]) -> type:
 #: The data section class of each task.
 DATA_CONFIGS: dict[str, type] = {task: _data_section(cls) for task, cls in RUN_CONFIGS.items()}
 
-_COSMETIC = {"trainer.progress", "data.download", "data.num_workers", "trainer.log_every_n_steps"}
+# Where a run lives is not what it trains: a run folder moved or copied elsewhere stays reusable.
+_COSMETIC = {"trainer.progress", "data.download", "data.num_workers", "trainer.log_every_n_steps", "name", "output_dir"}
+#: Settings added after runs were stored, with the value that reproduces what those runs did: a stored config without
+#: the key matches a config holding that value (so finished benchmark runs stay reusable).
+_ADDED_LATER: dict[str, Any] = {"optim.lr_scale": {}}
 
 
 def _flat_diff(new: dict, old: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:

@@ -152,9 +152,12 @@ def fit_and_test(
 ) -> dict[str, Any]:
     """Train with validation-based checkpoint selection, then test once at the selected checkpoint.
 
-    With ``resume`` a run whose ``checkpoints/last.ckpt`` exists continues from it (same seed, same result as an
-    uninterrupted run).
+    ``monitor`` / ``mode`` are the task's own selection metric; ``trainer.monitor`` in the config replaces them (a
+    name with ``loss`` in it is minimised). With ``resume`` a run whose ``checkpoints/last.ckpt`` exists continues from
+    it (same seed, same result as an uninterrupted run).
     """
+    if cfg.trainer.monitor is not None:
+        monitor, mode = cfg.trainer.monitor, "min" if "loss" in cfg.trainer.monitor else "max"
     run_dir = cfg.run_dir
     new_folder = not run_dir.exists()
     guard_run_dir(cfg, resume)

@@ -176,6 +176,10 @@ class ImageEncoder3D(nn.Module):
         dim: for ``kind="llm"``, the token width (default: the LLM's width; otherwise trainable projections in/out).
         inflate_patch: seed the Conv3d with the tower's 2D patch kernel (``kind="vision"`` only).
         llm_dtype: compute dtype of the LLM layers.
+        stem: ``"patch"`` (MedBLIP's one strided Conv3d) or ``"conv"`` (a small convolutional tokenizer with the same
+            token grid, :class:`~medboost.models.vit.ConvStem`): when the frozen encoder has no visual pre-training
+            (``kind="llm"``) every visual feature must be learned in front of it, which one linear patch projection
+            does poorly.
     """
 
     def __init__(
@@ -189,8 +193,11 @@ class ImageEncoder3D(nn.Module):
         dim: int | None = None,
         inflate_patch: bool = False,
         llm_dtype: str = "float32",
+        stem: str = "patch",
     ):
         super().__init__()
+        if inflate_patch and stem != "patch":
+            raise ConfigError(f"inflate_patch seeds a single patch convolution; it needs stem='patch', got {stem!r}")
         encoder, has_cls = self._build_encoder(source, kind, layers, inflate_patch, llm_dtype)
         if kind == "vision" and dim not in (None, encoder.hidden_size):
             raise ConfigError(f"a vision tower's tokens have its width {encoder.hidden_size}; got dim={dim}")
@@ -199,7 +206,7 @@ class ImageEncoder3D(nn.Module):
         # A tower's own CLS token is a good start (MedBLIP uses EVA's); LLM stacks get a fresh one.
         cls = encoder.cls if kind == "vision" else nn.init.trunc_normal_(torch.empty(1, 1, width), std=0.02)
         cls = cls if has_cls else None
-        self.patch_embed = PatchEmbed(3, in_channels, img_size, patch_size, width)
+        self.patch_embed = PatchEmbed(3, in_channels, img_size, patch_size, width, stem=stem)
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(cls.clone()) if cls is not None else None
         tokens = self.num_patches + (cls is not None)
