@@ -9,7 +9,8 @@ Data: IXI T1 at 2 mm (``../shared/data/brain/ixi_2mm``), the committed subject s
 questions per subject whose text does not state their answer (sex: the text gives age; age group: sex;
 reduced hippocampal volume, an automatic DLMUSE pseudo-label: age and sex).
 
-Arms (test split, checkpoint selected on validation accuracy, mean +- std over seeds):
+Arms (test split, checkpoint selected on the recipe's ``trainer.monitor``, the mean validation AUC over the questions;
+mean +- std over seeds):
 
 * ``medblip``: ``configs/medblip/ixi-cpu.yaml`` unchanged (the offline-default encoder: the last SmolLM2-135M layer,
   frozen; MiniLM Q-Former; frozen SmolLM2-135M), one model answering all three questions as a VQA model does,
@@ -98,6 +99,9 @@ class Budget:
 # (MedBLIP 3 x 13.3 min, text-only 3 x 10.2, leakage 13.3, image-only 3 x 1.9, CNN 9 x 1.0), ~60-70 min with both
 # cores free (assumed 1.4-1.6x from the second thread; not measured here). Quick: 1 seed, 2 epochs over 20% of the
 # batches: predicted 13 min at one thread. Smoke (12 subjects, 16^3, one batch): measured 2.0 min at one thread.
+# The recipe's conv stem (64 image tokens instead of 8) made a MedBLIP epoch ~211 s (measured, one thread, the other
+# core busy): a MedBLIP run ~16 min. With the tuning's 8 epochs (benchmarks/results/medblip_tuning.md, m6) the full
+# run would be ~3.6 h at one thread (MedBLIP 3 x 30 min, text-only 3 x ~20, leakage 30, CNN and image-only ~35).
 # The CNN's budget is counted in compute, not epochs: one of its epochs (one question, 16 batches, ~13 s) costs ~1/13
 # of a MedBLIP epoch (three questions), and at MedBLIP's 4 epochs (64 steps) it predicted one class on every
 # question. It gets 12 epochs over every batch: per question still less compute than MedBLIP's 4 epochs.
@@ -248,7 +252,7 @@ def build_cnn(num_classes: int):
 
 
 def train_cnn(cfg: RunConfig) -> dict[str, Any]:
-    """Train one question's CNN through the engine (selection on validation accuracy, test at that checkpoint) and
+    """Train one question's CNN through the engine (selection on the recipe's metric, test at that checkpoint) and
     write ``result.json`` (with the per-question table MedBLIP runs have) into its run folder."""
     started = start_run(cfg)
     question = cfg.model.kwargs["question"]
@@ -343,7 +347,8 @@ def run_summary(results: list[dict]) -> dict[str, Any]:
             {
                 "seed": r["config"]["seed"],
                 "best_epoch": r["best_epoch"],
-                "val_acc": r["best_val"],
+                "monitor": r.get("monitor"),
+                "best_val": r["best_val"],
                 "test": {k: {m: t[m] for m in (*METRICS, "gen_acc")} for k, t in r["test_report"].items()},
                 "run_dir": str(Path(r["config"]["output_dir"]) / r["config"]["name"]),
             }
@@ -489,7 +494,8 @@ def markdown(report: dict) -> str:
         f"{_share(budget['train_batches'])} of the training batches, batch 8, {budget['size']}^3, seeds "
         f"{list(budget['seeds'])} (leakage: {LEAKAGE_SEEDS} seed; the 3D CNN: {budget.get('cnn_epochs')} epoch(s) "
         "over every batch, less compute per question than MedBLIP's budget). Test split at the checkpoint selected on "
-        "validation accuracy; mean ± std over seeds; AUC from the candidate scores (softmax over candidates).",
+        f"`{report.get('selection', 'val_acc')}` (validation); mean ± std over seeds; AUC from the candidate scores "
+        "(softmax over candidates).",
         "",
     ]
     for key, info in report["questions"].items():
@@ -580,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         "note": args.note,
         "budget": dataclasses.asdict(budget),
+        # The recipe's selection metric, every trained arm's (the CNN's included: its config comes from the recipe).
+        "selection": load_config(RECIPE).trainer.monitor or "val_acc",
         "data_md5": data_md5(IXI_ROOT),
         "split_file": str(split_path.relative_to(REPO) if split_path.is_relative_to(REPO) else split_path),
         "split_file_md5": _md5(split_path),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from cli_args import cli_args
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
@@ -19,6 +20,7 @@ from medboost.data.splits import save_split
 from medboost.data.vl_manifest import write_ixi_manifest
 from medboost.engine.config import VisionLanguageRunConfig, known_keys, load_config
 from medboost.llm.presets import PRESETS
+from medboost.pipelines.vision_language import prepare
 from medboost.tasks.vision_language import UNPARSEABLE, question_metrics
 
 ROOT = Path(__file__).parents[1]
@@ -107,6 +109,21 @@ def trained(ixi8) -> Path:
     runs = ixi8["root"] / "runs"
     assert main(["train", *cli_args(_values(ixi8, runs))]) == 0
     return runs / "run"
+
+
+@needs_weights_and_data
+def test_checkpoints_leave_the_frozen_parts_out_and_still_load_strictly(trained, ixi8):
+    last = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not any(k.startswith(("model.llm.", "model.image_encoder.encoder.")) for k in last)
+    assert "model.llm_proj.weight" in last and "model.image_encoder.patch_embed.proj.weight" in last
+    _, model, task = prepare(load_config(None, _values(ixi8, trained.parent)))
+    task.on_load_checkpoint({"state_dict": last})
+    task.load_state_dict(last, strict=True)  # the frozen tensors were put back from the rebuilt model
+    assert torch.equal(model.llm_proj.weight, last["model.llm_proj.weight"])
+    del last["model.llm_proj.weight"]
+    task.on_load_checkpoint({"state_dict": last})
+    with pytest.raises(RuntimeError, match="llm_proj.weight"):
+        task.load_state_dict(last, strict=True)
 
 
 def _read_cases(path: Path) -> list[dict]:

@@ -49,6 +49,26 @@ class TaskModule(L.LightningModule):
             "lr_scheduler": build_scheduler(optimizer, self.optim_config, steps, self.trainer.max_epochs),
         }
 
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _rebuilt_keys(self, names) -> list[str]:
+        """The state keys of the frozen parts the model rebuilds from their sources (its ``frozen_prefixes``)."""
+        prefixes = tuple(f"model.{p}" for p in getattr(self.model, "frozen_prefixes", ()))
+        return [k for k in names if prefixes and k.startswith(prefixes)]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A frozen LLM and encoder are rebuilt from their sources: storing them would put ~1 GB (MedBLIP with
+        # SmolLM2) into every checkpoint, twice per run (best and last), for tensors that cannot have changed.
+        state = checkpoint["state_dict"]
+        for key in self._rebuilt_keys(list(state)):
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Called before the state is loaded: put the rebuilt parts' own tensors back, so that loading stays strict
+        # for every trained tensor (a missing one is still an error).
+        state, own = checkpoint["state_dict"], self.state_dict()
+        for key in self._rebuilt_keys(own):
+            state.setdefault(key, own[key])
+
     # -- evaluation outputs ---------------------------------------------------------------------------------------
     def collect(self, stage: str, *tensors: torch.Tensor) -> None:
         self._collected.setdefault(stage, []).append(tuple(t.detach() for t in tensors))
