@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from cli_args import cli_args
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, roc_auc_score
 
 from medboost.cli import main
 from medboost.data.splits import save_split
@@ -44,6 +44,7 @@ def test_question_metrics_match_sklearn():
     assert m["balanced_acc"] == pytest.approx(balanced_accuracy_score(target, pred))
     assert m["macro_f1"] == pytest.approx(f1_score(target, pred, average="macro", zero_division=0))
     assert m["auc"] == pytest.approx(roc_auc_score(target, probs, multi_class="ovr"))
+    assert m["log_loss"] == pytest.approx(log_loss(target, probs, labels=[0, 1, 2]))
     assert np.trace(m["confusion_matrix"]) == (pred == target).sum() and np.sum(m["confusion_matrix"]) == 7
     assert m["gen_acc"] == pytest.approx(4 / 7) and m["gen_unparseable"] == pytest.approx(2 / 7)
     # Two candidates padded to three columns (-inf): binary AUC of the second one, padding never predicted.

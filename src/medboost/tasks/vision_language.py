@@ -45,7 +45,7 @@ def _auc(target: np.ndarray, probs: np.ndarray, classes: int) -> float:
 
 def question_metrics(target: np.ndarray, scores: np.ndarray, generated: np.ndarray, names: list[str]) -> dict:
     """One question's test metrics: accuracy, balanced accuracy, macro-F1, per-class recall, confusion matrix (rows
-    true, columns predicted, in candidate order) and AUC from the candidate scores; accuracy of the generated
+    true, columns predicted, in candidate order), AUC and log-loss from the candidate scores; accuracy of the generated
     answers (unparseable = wrong) and the share that named no candidate."""
     classes = len(names)
     probs = candidate_probabilities(scores[:, :classes])
@@ -62,6 +62,9 @@ def question_metrics(target: np.ndarray, scores: np.ndarray, generated: np.ndarr
         "balanced_acc": float(recall[present].mean()),
         "macro_f1": float(f1_score(target, pred, labels=labels, average="macro", zero_division=0)),
         "auc": _auc(target, probs, classes),
+        # The log-loss of the candidate probabilities: a proper scoring rule, so it rewards ranking and calibration
+        # at once and, unlike accuracy or AUC on a few validation subjects, never ties.
+        "log_loss": float(-np.log(np.clip(probs[np.arange(len(target)), target], 1e-12, None)).mean()),
         "recall": {n: float(r) for n, r in zip(names, recall)},
         "confusion_matrix": confusion_matrix(target, pred, labels=labels).tolist(),
         "gen_acc": float((generated == target).mean()),
@@ -156,8 +159,10 @@ class VisionLanguageTask(TaskModule):
             # AUC beside accuracy: on a small validation split one case moves accuracy by a large step, while the
             # candidate scores' ranking shows whether the model learns before its argmax flips.
             self.log(f"val_{key}_auc", table["auc"], sync_dist=False)
+            self.log(f"val_{key}_log_loss", table["log_loss"], sync_dist=False)
         self.log("val_acc", float(np.mean([t["acc"] for t in tables.values()])), prog_bar=True, sync_dist=False)
         self.log("val_auc", float(np.nanmean([t["auc"] for t in tables.values()])), sync_dist=False)
+        self.log("val_log_loss", float(np.mean([t["log_loss"] for t in tables.values()])), sync_dist=False)
 
     def on_test_epoch_start(self) -> None:
         self._texts = {}
