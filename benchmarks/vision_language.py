@@ -1,6 +1,7 @@
 """MedBLIP on IXI against its controls and a 3D CNN: one fixed subject split, the same seeds and budget for every arm.
 
-    python benchmarks/vision_language.py            # full: 3 seeds (about 60-75 min on 2 free cores)
+    python benchmarks/vision_language.py            # full: 3 seeds (~130 min at one thread; ~70 min as two
+                                                    # one-thread processes splitting --arms)
     python benchmarks/vision_language.py --quick    # 1 seed, 2 short epochs (< 15 min)
     python benchmarks/vision_language.py --smoke --runs-dir /tmp/vl-runs --results /tmp/vl-results  # path check
 
