@@ -388,3 +388,13 @@ def test_trainer_monitor_chooses_the_selection_metric_and_minimises_a_loss(tmp_p
     assert result["monitor"] == "val_loss" and len(losses) == 3
     assert result["best_epoch"] == min(losses, key=losses.get)
     assert result["best_val"] == pytest.approx(min(losses.values()))
+
+
+def test_a_monitor_the_task_never_logs_is_one_message_and_leaves_no_folder(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_npz(data, "breastmnist")
+    values = _overrides(data, tmp_path / "runs", epochs=1, **{"trainer.monitor": "val_nope"})
+    assert main(["train", *cli_args(values)]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.monitor 'val_nope'" in err and "val_auc" in err and "Traceback" not in err
+    assert not load_config(None, values).run_dir.exists()

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -168,11 +169,13 @@ def fit_and_test(
     try:
         trainer, checkpoint = build_trainer(cfg, run_dir, monitor, mode, [timer, history, *callbacks])
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except BaseException:
+    except BaseException as exc:
         # A run that failed before its first checkpoint (bad data found by a loader, a shape error) leaves no folder
         # behind; a folder with a checkpoint is kept for resuming, and a folder that existed before is never touched.
         if new_folder and module.global_rank == 0 and not any((run_dir / "checkpoints").glob("*.ckpt")):
             shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(exc, MisconfigurationException) and "could not find the monitored key" in str(exc):
+            raise ConfigError(f"trainer.monitor {monitor!r}: {exc}".split(" HINT:")[0]) from exc
         raise
     fit_seconds = time.perf_counter() - start
     rows = list(history.rows)  # before test: loading the best checkpoint also restores the callbacks' older state
