@@ -1,7 +1,7 @@
 """MedBLIP on IXI against its controls and a 3D CNN: one fixed subject split, the same seeds and budget for every arm.
 
-    python benchmarks/vision_language.py            # full: 3 seeds (~130 min at one thread; ~70 min as two
-                                                    # one-thread processes splitting --arms)
+    python benchmarks/vision_language.py            # full: 3 seeds x 8 epochs (~3.6 h at one thread; ~2 h as
+                                                    # two one-thread processes splitting --arms)
     python benchmarks/vision_language.py --quick    # 1 seed, 2 short epochs (< 15 min)
     python benchmarks/vision_language.py --smoke --runs-dir /tmp/vl-runs --results /tmp/vl-results  # path check
 
@@ -10,8 +10,8 @@ Data: IXI T1 at 2 mm (``../shared/data/brain/ixi_2mm``), the committed subject s
 questions per subject whose text does not state their answer (sex: the text gives age; age group: sex;
 reduced hippocampal volume, an automatic DLMUSE pseudo-label: age and sex).
 
-Arms (test split, checkpoint selected on the recipe's ``trainer.monitor``, the mean validation AUC over the questions;
-mean +- std over seeds):
+Arms (test split, checkpoint selected on the recipe's ``trainer.monitor``, the mean validation log-loss of the
+candidate answers over the questions; mean +- std over seeds):
 
 * ``medblip``: ``configs/medblip/ixi-cpu.yaml`` unchanged (the offline-default encoder: the last SmolLM2-135M layer,
   frozen; MiniLM Q-Former; frozen SmolLM2-135M), one model answering all three questions as a VQA model does,
@@ -41,6 +41,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -64,15 +65,26 @@ from medboost.engine.config import LossConfig, ModelConfig, OptimConfig, RunConf
 from medboost.engine.records import environment, run_record, write_json
 from medboost.engine.trainer import finished_result, fit_and_test, start_run
 from medboost.errors import MedboostError
-from medboost.pipelines.vision_language import build_datamodule, evaluate_saved, manifest_path, train_vision_language
+from medboost.metrics.paired import paired_difference
+from medboost.pipelines.vision_language import (
+    build_datamodule,
+    evaluate_saved,
+    manifest_path,
+    read_predictions,
+    train_vision_language,
+)
 from medboost.tasks.classification import ClassificationTask
-from medboost.tasks.vision_language import UNPARSEABLE, question_metrics
+from medboost.tasks.vision_language import UNPARSEABLE, candidate_auc, candidate_probabilities, question_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "medblip" / "ixi-cpu.yaml"
 IXI_ROOT = REPO.parent / "shared" / "data" / "brain" / "ixi_2mm"
 SPLIT_FILE = REPO / "benchmarks" / "splits" / "ixi_vl.json"
 METRICS = ("acc", "balanced_acc", "auc")
+# The paired comparison the issue's target is about: does the image add anything beyond the text? Seed-paired test
+# differences with a bootstrap interval over the test subjects (each question asks every subject once).
+PAIRED = ("medblip", "text-only")
+RESAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -102,12 +114,14 @@ class Budget:
 # batches: predicted 13 min at one thread. Smoke (12 subjects, 16^3, one batch): measured 2.0 min at one thread.
 # The recipe's conv stem (64 image tokens instead of 8) made a MedBLIP epoch ~211 s (measured, one thread, the other
 # core busy): a MedBLIP run ~16 min. With the tuning's 8 epochs (benchmarks/results/medblip_tuning.md, m6) the full
-# run would be ~3.6 h at one thread (MedBLIP 3 x 30 min, text-only 3 x ~20, leakage 30, CNN and image-only ~35).
+# run would be ~3.6 h at one thread (MedBLIP 3 x 30 min, text-only 3 x ~20, leakage 30, CNN and image-only ~35):
+# the full budget uses them (the val AUC of m6 still rose after epoch 4), run as two one-thread processes (~2 h).
 # The CNN's budget is counted in compute, not epochs: one of its epochs (one question, 16 batches, ~13 s) costs ~1/13
 # of a MedBLIP epoch (three questions), and at MedBLIP's 4 epochs (64 steps) it predicted one class on every
-# question. It gets 12 epochs over every batch: per question still less compute than MedBLIP's 4 epochs.
+# question. It gets 12 epochs over every batch: per question less compute than MedBLIP's 4 epochs, and its test AUC on
+# sex and age group is already well above MedBLIP's (benchmarks/results/vision_language.md), so it is not starved.
 BUDGETS = {
-    "full": Budget(seeds=(0, 1, 2), epochs=4, train_batches=1.0, cnn_epochs=12),
+    "full": Budget(seeds=(0, 1, 2), epochs=8, train_batches=1.0, cnn_epochs=12),
     "quick": Budget(seeds=(0,), epochs=2, train_batches=0.2, cnn_epochs=4),
     "smoke": Budget(seeds=(0,), epochs=1, train_batches=1, size=16, subjects=12),
 }
@@ -240,7 +254,9 @@ class QuestionCNNTask(ClassificationTask):
         logits, y, _ = gathered
         target, scores = y.numpy(), logits.numpy()
         table = question_metrics(target, scores, np.full(len(target), UNPARSEABLE), self.candidates)
-        return {"loss": float(self._loss(logits, y)), **{m: table[m] for m in METRICS}}, (target, scores)
+        # log_loss: the recipe's selection metric, the same definition as the MedBLIP arms' (val_log_loss)
+        metrics = {m: table[m] for m in (*METRICS, "log_loss")}
+        return {"loss": float(self._loss(logits, y)), **metrics}, (target, scores)
 
 
 def build_cnn(num_classes: int):
@@ -263,7 +279,7 @@ def train_cnn(cfg: RunConfig) -> dict[str, Any]:
     candidates = dm.dataset("train").candidates
     model = build_cnn(cfg.model.kwargs["num_classes"])
     task = QuestionCNNTask(model, candidates, cfg.optim, cfg.seed)
-    outcome = fit_and_test(cfg, task, dm, monitor="val_acc", mode="max")
+    outcome = fit_and_test(cfg, task, dm, monitor="val_log_loss", mode="min")  # the recipe's trainer.monitor wins
     outcome.pop("trainer")
     result = run_record(cfg, dm.record(), model, outcome)
     target, scores = task.test_outputs["labels"].reshape(-1), task.test_outputs["scores"]
@@ -417,6 +433,43 @@ def image_only_arm(budget: Budget, data: dict, runs: Path, log) -> dict[str, Any
     }
 
 
+# -- paired differences -----------------------------------------------------------------------------------------------
+def _accuracy(target: np.ndarray, scores: np.ndarray) -> float:
+    return float((scores.argmax(axis=1) == target).mean())
+
+
+def _auc(target: np.ndarray, scores: np.ndarray) -> float:
+    value = candidate_auc(target, candidate_probabilities(scores), scores.shape[1])
+    if math.isnan(value):  # paired_difference skips (and counts) such a resample
+        raise ValueError("a resample in which no candidate has both outcomes has no AUC")
+    return value
+
+
+def paired_questions(arms: dict[str, dict], a: str, b: str, resamples: int = RESAMPLES) -> dict[str, dict]:
+    """Per question: test accuracy and AUC of arm ``a`` minus arm ``b`` over the seeds both have, each seed's runs
+    read back from their ``predictions.csv`` (the same definitions as the tables: argmax and softmax of the candidate
+    scores), with the percentile bootstrap interval of :func:`~medboost.metrics.paired.paired_difference`."""
+    dirs = [{r["seed"]: r["run_dir"] for r in arms[arm]["per_seed"]} for arm in (a, b)]
+    seeds = sorted(dirs[0].keys() & dirs[1].keys())
+    if not seeds:
+        return {}
+    preds = [[read_predictions(d[s]) for s in seeds] for d in dirs]
+    out = {}
+    for key in preds[0][0]:
+        runs = [p[key] for p in (*preds[0], *preds[1])]
+        if any(r.sample_ids != runs[0].sample_ids or r.candidates != runs[0].candidates for r in runs):
+            raise MedboostError(f"{a} and {b} runs do not hold the same test cases of question {key!r}")
+        scores_a, scores_b = [p[key].scores for p in preds[0]], [p[key].scores for p in preds[1]]
+        out[key] = {
+            "seeds": seeds,
+            **{
+                name: paired_difference(runs[0].target, scores_a, scores_b, metric, resamples=resamples)
+                for name, metric in (("acc", _accuracy), ("auc", _auc))
+            },
+        }
+    return out
+
+
 # -- report -----------------------------------------------------------------------------------------------------------
 def _without_note(argv: list[str]) -> list[str]:
     """The command line as recorded: the ``--note`` text is shown under the header, not repeated in the command."""
@@ -439,8 +492,9 @@ def _cell(pair) -> str:
     return "—" if pair is None else f"{pair[0]:.3f} ± {pair[1]:.3f}"
 
 
-def targets(arms: dict[str, dict]) -> list[str]:
-    """The issue's targets, read off the means (a difference within one standard deviation is said to be so)."""
+def targets(arms: dict[str, dict], paired: dict[str, dict] | None = None) -> list[str]:
+    """The issue's targets, read off the means (a difference within one standard deviation is said to be so) and,
+    against text-only, off the paired intervals."""
     lines = []
     if "medblip" not in arms:
         return lines
@@ -461,6 +515,13 @@ def targets(arms: dict[str, dict]) -> list[str]:
         lines.append(f"- MedBLIP above {label} on every question (mean accuracy): **{verdict}** — " + ", ".join(parts))
 
     compare("text-only", "text-only")
+    if paired:
+        above = [k for k, d in paired.items() if d["acc"]["ci"][0] > 0]
+        lines.append(
+            "- MedBLIP above text-only with the paired 95% interval of the accuracy difference above 0: "
+            + (", ".join(above) if above else "**on no question**")
+            + f" (of {len(paired)}; intervals in the paired table)"
+        )
     compare("majority", "majority")
     if "cnn3d" in arms:
         parts = [
@@ -535,12 +596,47 @@ def markdown(report: dict) -> str:
         "text-only arm builds no image path; of its trainable parameters only the query tokens (its soft prompt) and "
         "the projection into the LLM get gradients (the Q-Former and the contrastive heads are not run in text mode).",
         "",
+        *paired_lines(report.get("paired")),
         "### Targets",
         "",
-        *targets(arms),
+        *targets(arms, (report.get("paired") or {}).get(" - ".join(PAIRED))),
         "",
     ]
     return "\n".join(lines)
+
+
+def _interval(d: dict) -> str:
+    skipped = f" ({d['skipped_resamples']} resamples skipped)" if d["skipped_resamples"] else ""
+    return f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]{skipped}"
+
+
+def paired_lines(paired: dict[str, dict] | None) -> list[str]:
+    """The paired-difference table(s): per question and metric, the per-seed differences, their mean ± std and the
+    bootstrap interval."""
+    lines = []
+    for pair, questions in (paired or {}).items():
+        if not questions:
+            continue
+        seeds = next(iter(questions.values()))["seeds"]
+        lines += [
+            f"### Paired differences: {pair} (seeds {seeds}; test subjects resampled {RESAMPLES} times)",
+            "",
+            "| question | metric | per seed | mean ± std | 95% bootstrap interval of the mean |",
+            "|---|---|---|---|---|",
+        ]
+        for key, entry in questions.items():
+            for metric in ("acc", "auc"):
+                d = entry[metric]
+                per_seed = " / ".join(f"{v:+.3f}" for v in d["per_seed"])
+                lines.append(f"| {key} | {metric} | {per_seed} | {d['mean']:+.3f} ± {d['std']:.3f} | {_interval(d)} |")
+        lines += [
+            "",
+            "Each bootstrap replicate resamples the test subjects once and scores both arms and every seed on it, so "
+            "the interval is of the paired difference of the seed means; it covers the test split's sampling, the "
+            "per-seed column the training randomness.",
+            "",
+        ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -622,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report["arms"][arm] = medblip_arm(arm, budget, data, runs, log)
         write()  # keep partial results
+    if all(arm in report["arms"] for arm in PAIRED):
+        report["paired"] = {" - ".join(PAIRED): paired_questions(report["arms"], *PAIRED)}
     write()
     print((results_dir / f"{tag}.md").read_text())
     return 0

@@ -19,8 +19,9 @@ from medboost.cli import main
 from medboost.data.splits import save_split
 from medboost.data.vl_manifest import write_ixi_manifest
 from medboost.engine.config import VisionLanguageRunConfig, known_keys, load_config
+from medboost.errors import DataError
 from medboost.llm.presets import PRESETS
-from medboost.pipelines.vision_language import prepare
+from medboost.pipelines.vision_language import prepare, read_predictions
 from medboost.tasks.vision_language import UNPARSEABLE, question_metrics
 
 ROOT = Path(__file__).parents[1]
@@ -154,6 +155,39 @@ def test_train_writes_results_consistent_with_predictions(trained):
         assert c["scored_prediction"] == max(scores, key=scores.get) and c["answer"] in scores
     assert result["monitor"] == "val_acc" and result["best_epoch"] == 0 and result["data"]["size"] == 16
     assert (trained / "model" / "model.safetensors").is_file()
+
+
+@needs_weights_and_data
+def test_read_predictions_gives_back_the_test_tables(trained, tmp_path):
+    """The per-case file read back (the benchmark's paired intervals are computed from it) reproduces every
+    question's accuracy, AUC and log-loss, ordered by sample id; a damaged file is one DataError naming it."""
+    report = json.loads((trained / "result.json").read_text())["test_report"]
+    predictions = read_predictions(trained)
+    assert set(predictions) == set(report)
+    for key, p in predictions.items():
+        assert p.sample_ids == sorted(p.sample_ids) and p.candidates == report[key]["candidates"]
+        table = question_metrics(p.target, p.scores, np.full(len(p.target), UNPARSEABLE), p.candidates)
+        for metric in ("acc", "log_loss"):
+            assert table[metric] == pytest.approx(report[key][metric], abs=1e-6)
+        assert table["auc"] == pytest.approx(report[key]["auc"], abs=1e-6, nan_ok=True)
+    with pytest.raises(DataError, match="no predictions file"):
+        read_predictions(tmp_path)
+    rows = _read_cases(trained / "predictions.csv")
+    damaged = {
+        "missing column": ([{k: v for k, v in r.items() if k != "scores"} for r in rows], "missing column"),
+        "unknown answer": ([{**rows[0], "answer": "Maybe"}, *rows[1:]], "line 2"),
+        "bad scores": ([*rows[:-1], {**rows[-1], "scores": "{not json"}], f"line {len(rows) + 1}"),
+    }
+    for name, (table_rows, message) in damaged.items():
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        with (folder / "predictions.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table_rows[0]))
+            writer.writeheader()
+            writer.writerows(table_rows)
+        with pytest.raises(DataError, match=message) as info:
+            read_predictions(folder)
+        assert str(folder / "predictions.csv") in str(info.value)
 
 
 @needs_weights_and_data

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -36,7 +37,7 @@ from medboost.data.volumes import medblip_preprocessing
 from medboost.engine.config import OptimConfig, RunConfig, VisionLanguageDataConfig, section_kwargs
 from medboost.engine.records import run_record, write_json
 from medboost.engine.trainer import fit_and_test, start_run
-from medboost.errors import ConfigError
+from medboost.errors import ConfigError, DataError
 from medboost.models import create_model, load_pretrained, save_pretrained
 from medboost.models.hub import read_model_config
 from medboost.models.medblip import MODES
@@ -144,6 +145,51 @@ def write_outputs(folder: Path, outputs: dict, make_plots: bool = True) -> None:
         for key, table in outputs["questions"].items():
             path = folder / "figures" / f"confusion_{key}.png"
             plots.confusion_matrix_plot(table["confusion_matrix"], table["candidates"], path)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestionPredictions:
+    """One question's test cases as ``predictions.csv`` holds them, ordered by sample id (so that two runs on the
+    same split line up case by case): the answer's index among the candidates and the candidate scores."""
+
+    sample_ids: list[str]
+    target: np.ndarray  # (n,) index of the answer in ``candidates``
+    scores: np.ndarray  # (n, len(candidates)) the candidates' scores, in ``candidates`` order
+    candidates: list[str]
+
+
+def read_predictions(folder: str | Path) -> dict[str, QuestionPredictions]:
+    """``{question key: QuestionPredictions}`` from a run's (or an evaluation's) ``predictions.csv``; a missing file,
+    a missing column, unreadable scores or an answer that is not one of its candidates is one DataError naming the
+    file (and the row)."""
+    path = Path(folder) / "predictions.csv"
+    if not path.is_file():
+        raise DataError(f"{path}: no predictions file (has the run finished its test stage?)")
+    rows: dict[str, list[tuple[str, int, list[float], list[str]]]] = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"sample_id", "question_key", "answer", "scores"} - set(reader.fieldnames or ())
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                scores = json.loads(row["scores"])
+                candidates = list(scores)
+                target = candidates.index(row["answer"])
+            except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as exc:
+                raise DataError(f"{path} line {line}: unreadable scores or an answer not among them ({exc})") from exc
+            rows.setdefault(row["question_key"], []).append(
+                (row["sample_id"], target, [float(v) for v in scores.values()], candidates)
+            )
+    out = {}
+    for key, cases in rows.items():
+        cases.sort(key=lambda c: c[0])
+        if any(c[3] != cases[0][3] for c in cases):
+            raise DataError(f"{path}: question {key!r} has rows with different candidate lists")
+        out[key] = QuestionPredictions(
+            [c[0] for c in cases], np.array([c[1] for c in cases]), np.array([c[2] for c in cases]), cases[0][3]
+        )
+    return out
 
 
 # -- a saved model ----------------------------------------------------------------------------------------------------

@@ -32,9 +32,10 @@ def candidate_probabilities(scores: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _auc(target: np.ndarray, probs: np.ndarray, classes: int) -> float:
-    """Binary AUC of the second candidate, or the macro one-vs-rest AUC over the candidates that occur in the
-    targets with both outcomes; NaN when no candidate does (a single-class set has no AUC)."""
+def candidate_auc(target: np.ndarray, probs: np.ndarray, classes: int) -> float:
+    """One question's AUC from its candidate probabilities: the binary AUC of the second candidate, or the macro
+    one-vs-rest AUC over the candidates that occur in the targets with both outcomes; NaN when no candidate does (a
+    single-class set has no AUC)."""
     if classes == 2:
         return float(roc_auc_score(target, probs[:, 1])) if len(set(target)) == 2 else math.nan
     aucs = [
@@ -61,7 +62,7 @@ def question_metrics(target: np.ndarray, scores: np.ndarray, generated: np.ndarr
         "acc": float((pred == target).mean()),
         "balanced_acc": float(recall[present].mean()),
         "macro_f1": float(f1_score(target, pred, labels=labels, average="macro", zero_division=0)),
-        "auc": _auc(target, probs, classes),
+        "auc": candidate_auc(target, probs, classes),
         # The log-loss of the candidate probabilities: a proper scoring rule, so it rewards ranking and calibration
         # at once and, unlike accuracy or AUC on a few validation subjects, never ties.
         "log_loss": float(-np.log(np.clip(probs[np.arange(len(target)), target], 1e-12, None)).mean()),
