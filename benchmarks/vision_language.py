@@ -320,6 +320,10 @@ def majority(cfg: RunConfig) -> dict[str, dict]:
         scores = np.tile(np.where(np.array(candidates) == answer, 0.0, -1.0), (len(target), 1))
         tables[key] = question_metrics(target, scores, np.full(len(target), UNPARSEABLE), candidates)
         tables[key]["train_answer"] = answer
+        # For reading only (never a baseline: it is chosen on test): a constant answer's best test accuracy, which
+        # is above the majority arm's where the training and test splits' most frequent answers differ.
+        test_answer, count = Counter(t[2] for t in test).most_common(1)[0]
+        tables[key]["test_answer"], tables[key]["test_answer_share"] = test_answer, count / len(test)
     return {"tables": tables, "data": dm.record()}
 
 
@@ -565,6 +569,16 @@ def markdown(report: dict) -> str:
             f"### {key} ({' / '.join(info['candidates'])}; {info['n']} test subjects; training majority "
             f"'{info['train_answer']}')",
             "",
+            *(
+                [
+                    f"The most frequent test answer, '{info['test_answer']}', is {info['test_answer_share']:.3f} of "
+                    "the test subjects: a model answering it always would score that (chosen on test, so not a "
+                    "baseline; for reading).",
+                    "",
+                ]
+                if info.get("test_answer_share", 0) > info.get("train_answer_share", 1)
+                else []
+            ),
             "| arm | accuracy | balanced accuracy | AUC | generated-answer accuracy |",
             "|---|---|---|---|---|",
         ]
@@ -692,7 +706,10 @@ def main(argv: list[str] | None = None) -> int:
         "manifest_md5": d["manifest_md5"],
         "n_subjects": d["n_subjects"],
         "questions": {
-            k: {"candidates": t["candidates"], "n": t["n"], "train_answer": t["train_answer"]}
+            k: {
+                **{m: t[m] for m in ("candidates", "n", "train_answer", "test_answer", "test_answer_share")},
+                "train_answer_share": t["acc"],  # on test: the majority arm's accuracy
+            }
             for k, t in majority_result["tables"].items()
         },
         "arms": {},

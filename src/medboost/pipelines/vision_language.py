@@ -1,5 +1,5 @@
 """One vision-language (MedBLIP) run end to end: manifest, subject-level split, model, training selected on
-validation accuracy, test (scored and generated answers), saved model, per-case predictions and report; and the
+validation (mean accuracy over the questions, or the recipe's ``trainer.monitor``), test (scored and generated answers), saved model, per-case predictions and report; and the
 evaluation of a saved model on its own or another manifest.
 
 Run folder: ``result.json`` (run record, test metrics, per-question tables), ``predictions.csv`` (one row per test
