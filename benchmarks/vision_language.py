@@ -2,7 +2,7 @@
 
     python benchmarks/vision_language.py            # full: 3 seeds x 8 epochs (~3.6 h at one thread; ~2 h as
                                                     # two one-thread processes splitting --arms)
-    python benchmarks/vision_language.py --quick    # 1 seed, 2 short epochs (< 15 min)
+    python benchmarks/vision_language.py --quick    # 1 seed, 2 short epochs (10.5 min on 2 free cores)
     python benchmarks/vision_language.py --smoke --runs-dir /tmp/vl-runs --results /tmp/vl-results  # path check
 
 Data: IXI T1 at 2 mm (``../shared/data/brain/ixi_2mm``), the committed subject split
