@@ -1,11 +1,12 @@
 """One vision-language (MedBLIP) run end to end: manifest, subject-level split, model, training selected on
-validation (mean accuracy over the questions, or the recipe's ``trainer.monitor``), test (scored and generated answers), saved model, per-case predictions and report; and the
-evaluation of a saved model on its own or another manifest.
+validation (mean accuracy over the questions, or the recipe's ``trainer.monitor``), test (scored and generated
+answers), saved model, per-case predictions and report; and the evaluation of a saved model on its own or another
+manifest.
 
 Run folder: ``result.json`` (run record, test metrics, per-question tables), ``predictions.csv`` (one row per test
-case), ``figures/confusion_<question>.png``, ``model/`` (the trainable weights; the frozen parts are rebuilt from
-their sources) and, for an IXI-folder run, ``manifest/ixi_vl.csv`` with its exclusion report.
-"""
+case, read back by :func:`read_predictions`), ``figures/confusion_<question>.png``, ``model/`` (the trainable
+weights; the frozen parts are rebuilt from their sources) and, for an IXI-folder run, ``manifest/ixi_vl.csv`` with
+its exclusion report."""
 
 from __future__ import annotations
 
