@@ -1,7 +1,7 @@
 """MedBLIP on IXI against its controls and a 3D CNN: one fixed subject split, the same seeds and budget for every arm.
 
-    python benchmarks/vision_language.py            # full: 3 seeds x 8 epochs (~3.6 h at one thread; ~2 h as
-                                                    # two one-thread processes splitting --arms)
+    python benchmarks/vision_language.py            # full: 3 seeds x 8 epochs (~3.6 h at one thread; 118 min
+                                                    # measured as two one-thread processes splitting --arms)
     python benchmarks/vision_language.py --quick    # 1 seed, 2 short epochs (10.5 min on 2 free cores)
     python benchmarks/vision_language.py --smoke --runs-dir /tmp/vl-runs --results /tmp/vl-results  # path check
 
@@ -118,8 +118,8 @@ class Budget:
 # the full budget uses them (the val AUC of m6 still rose after epoch 4), run as two one-thread processes (~2 h).
 # The CNN's budget is counted in compute, not epochs: one of its epochs (one question, 16 batches, ~13 s) costs ~1/13
 # of a MedBLIP epoch (three questions), and at MedBLIP's 4 epochs (64 steps) it predicted one class on every
-# question. It gets 12 epochs over every batch: per question less compute than MedBLIP's 4 epochs, and its test AUC on
-# sex and age group is already well above MedBLIP's (benchmarks/results/vision_language.md), so it is not starved.
+# question. It gets 12 epochs over every batch: per question less compute than MedBLIP's 4 epochs, and its test AUC is
+# level with or above MedBLIP's 8-epoch one on every question (benchmarks/results/vision_language.md): not starved.
 BUDGETS = {
     "full": Budget(seeds=(0, 1, 2), epochs=8, train_batches=1.0, cnn_epochs=12),
     "quick": Budget(seeds=(0,), epochs=2, train_batches=0.2, cnn_epochs=4),
