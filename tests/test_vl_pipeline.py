@@ -177,6 +177,19 @@ def test_read_predictions_gives_back_the_test_tables(trained, tmp_path):
         "missing column": ([{k: v for k, v in r.items() if k != "scores"} for r in rows], "missing column"),
         "unknown answer": ([{**rows[0], "answer": "Maybe"}, *rows[1:]], "line 2"),
         "bad scores": ([*rows[:-1], {**rows[-1], "scores": "{not json"}], f"line {len(rows) + 1}"),
+        "nan score": (
+            [
+                {
+                    **rows[0],
+                    "scores": rows[0]["scores"].replace(
+                        rows[0]["scores"].split(": ")[1].split(",")[0].rstrip("}"), "NaN", 1
+                    ),
+                },
+                *rows[1:],
+            ],
+            "line 2: non-finite",
+        ),
+        "scores not a mapping": ([{**rows[0], "scores": "[1.0, 2.0]"}, *rows[1:]], "line 2"),
     }
     for name, (table_rows, message) in damaged.items():
         folder = tmp_path / name.replace(" ", "_")
@@ -188,6 +201,10 @@ def test_read_predictions_gives_back_the_test_tables(trained, tmp_path):
         with pytest.raises(DataError, match=message) as info:
             read_predictions(folder)
         assert str(folder / "predictions.csv") in str(info.value)
+    (tmp_path / "header_only").mkdir()
+    (tmp_path / "header_only" / "predictions.csv").write_text(",".join(rows[0]) + "\n")
+    with pytest.raises(DataError, match="no test cases"):
+        read_predictions(tmp_path / "header_only")
 
 
 @needs_weights_and_data

@@ -175,13 +175,15 @@ def read_predictions(folder: str | Path) -> dict[str, QuestionPredictions]:
         for line, row in enumerate(reader, start=2):
             try:
                 scores = json.loads(row["scores"])
-                candidates = list(scores)
+                candidates, values = list(scores), [float(v) for v in scores.values()]
                 target = candidates.index(row["answer"])
             except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as exc:
                 raise DataError(f"{path} line {line}: unreadable scores or an answer not among them ({exc})") from exc
-            rows.setdefault(row["question_key"], []).append(
-                (row["sample_id"], target, [float(v) for v in scores.values()], candidates)
-            )
+            if not np.isfinite(values).all():  # json reads NaN / Infinity; a NaN score would rank silently
+                raise DataError(f"{path} line {line}: non-finite candidate score in {row['scores']}")
+            rows.setdefault(row["question_key"], []).append((row["sample_id"], target, values, candidates))
+    if not rows:
+        raise DataError(f"{path}: no test cases (only a header)")
     out = {}
     for key, cases in rows.items():
         cases.sort(key=lambda c: c[0])
