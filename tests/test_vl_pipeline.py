@@ -178,15 +178,7 @@ def test_read_predictions_gives_back_the_test_tables(trained, tmp_path):
         "unknown answer": ([{**rows[0], "answer": "Maybe"}, *rows[1:]], "line 2"),
         "bad scores": ([*rows[:-1], {**rows[-1], "scores": "{not json"}], f"line {len(rows) + 1}"),
         "nan score": (
-            [
-                {
-                    **rows[0],
-                    "scores": rows[0]["scores"].replace(
-                        rows[0]["scores"].split(": ")[1].split(",")[0].rstrip("}"), "NaN", 1
-                    ),
-                },
-                *rows[1:],
-            ],
+            [{**rows[0], "scores": json.dumps(dict.fromkeys(json.loads(rows[0]["scores"]), math.nan))}, *rows[1:]],
             "line 2: non-finite",
         ),
         "scores not a mapping": ([{**rows[0], "scores": "[1.0, 2.0]"}, *rows[1:]], "line 2"),
