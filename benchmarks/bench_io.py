@@ -11,6 +11,11 @@ from pathlib import Path
 from medboost.engine.records import environment, write_json
 from medboost.errors import MedboostError
 
+#: Run folders of the benchmarks that span sessions. They sit in the work tree because a later session may get a new
+#: machine: .gitignore keeps each run's ``result.json`` (its config, per-epoch history and per-case test scores, all
+#: that reuse and the reports read) and drops checkpoints, logs and saved models (weights are never committed).
+RUNS = Path(__file__).resolve().parent / "runs"
+
 
 def write_report(stem: Path, report: dict, markdown: Callable[[dict], str]) -> Path:
     """``stem.json`` (every number) and ``stem.md`` (the tables); returns the markdown's path."""

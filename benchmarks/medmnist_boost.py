@@ -20,6 +20,7 @@ boosted ViT on the same test images) go to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_io import run, write_report
+from bench_io import RUNS, run, write_report
 from torch.utils.flop_counter import FlopCounterMode
 
 from medboost.engine.config import ModelConfig, RunConfig
@@ -130,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every dataset (default: the recipe's)")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    # Outside the work tree, so that a long run interrupted here can be completed by a later session on this machine.
+    # The finished runs' result.json files are committed, so a later session (even on a new machine) reuses them.
     parser.add_argument(
         "--runs-dir",
-        default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "medmnist"),
+        default=str(RUNS / "medmnist"),
         help="run folders (--quick uses its quick/ subfolder, apart from the full runs)",
     )
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             write_outputs(report, args, tag, time.perf_counter() - started)  # keep partial results
         if spatial == 2 and {"vit", "vit+smollm2"} <= set(runs):
             pair = {arm: first_seed[arm] for arm in ("vit", "vit+smollm2")}
-            entry["saliency_figure"] = saliency_figure(pair, Path(args.results), tag)
+            entry.update(saliency_entry(pair, Path(args.results), tag, dataset))
     write_outputs(report, args, tag, time.perf_counter() - started)
     print((Path(args.results) / f"{tag}.md").read_text())
     return 0
@@ -216,6 +217,25 @@ def paired_summaries(runs: dict[str, list[dict]], resamples: int) -> dict[str, d
             theirs = [np.asarray(r["test_outputs"]["scores"]) for r in runs[reference]]
             out.setdefault(arm, {})[reference] = paired_difference(labels, ours, theirs, auc, resamples=resamples)
     return out
+
+
+def saliency_entry(cfgs: dict[str, RunConfig], results: Path, tag: str, dataset: str) -> dict:
+    """The report's saliency figure of ``cfgs`` (arm -> its first seed's run): drawn when their saved models are on this
+    machine; else the figure an earlier invocation drew from runs of exactly these configs (only ``result.json`` is
+    kept across sessions); else a note saying why there is none."""
+    runs = {arm: cfg.to_dict() for arm, cfg in cfgs.items()}
+    if all((cfg.run_dir / "model").is_dir() for cfg in cfgs.values()):
+        return {"saliency_figure": saliency_figure(cfgs, results, tag), "saliency_runs": runs}
+    earlier = results.joinpath(f"{tag}.json")
+    old = json.loads(earlier.read_text())["datasets"].get(dataset, {}) if earlier.is_file() else {}
+    stored = old.get("saliency_runs", {})
+    if (results / old.get("saliency_figure", "-")).is_file() and set(stored) == set(cfgs):
+        if not any(cfg.differences(stored[arm]) for arm, cfg in cfgs.items()):
+            return {"saliency_figure": old["saliency_figure"], "saliency_runs": runs}
+    return {
+        "saliency_note": "no saliency figure: the seed-0 models are not on this machine (only result.json files "
+        "are kept across sessions); re-train those two runs to draw it"
+    }
 
 
 def saliency_figure(cfgs: dict[str, RunConfig], results: Path, tag: str, cases: int = 6) -> str:
@@ -350,6 +370,8 @@ def markdown(report: dict) -> str:
             lines.append("")
         if entry.get("saliency_figure"):
             lines += [f"Grad-CAM, seed 0, the same test images: ![saliency]({entry['saliency_figure']})", ""]
+        elif entry.get("saliency_note"):
+            lines += [entry["saliency_note"], ""]
     return "\n".join(lines)
 
 
