@@ -48,11 +48,13 @@ def growing_report(stem: Path, script: str, note: str = "") -> tuple[dict, dict[
 def add_row(
     stem: Path, report: dict, rows: dict[str, dict], row: dict, order: Iterable[str], markdown: Callable[[dict], str]
 ) -> None:
-    """Record one candidate's row and write the report, in ``order``, keeping the rows that another invocation running
-    side by side has written meanwhile."""
+    """Record one candidate's row and write the report, in ``order``, keeping the rows and commands that another
+    invocation running side by side has written meanwhile (the stored file is newer than what this one read at its
+    start, so its rows win for every other candidate)."""
+    stored = _stored(stem)
+    rows.update({other["candidate"]: other for other in stored.get("rows", [])})
     rows[row["candidate"]] = row
-    for other in _stored(stem).get("rows", []):
-        rows.setdefault(other["candidate"], other)
+    report["commands"] = list(dict.fromkeys([*stored.get("commands", []), *report["commands"]]))
     report["rows"] = [rows[k] for k in order if k in rows]
     write_report(stem, report, markdown)
 

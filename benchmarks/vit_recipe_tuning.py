@@ -143,7 +143,7 @@ def markdown(report: dict) -> str:
         f"{report['date']} · torch {report['environment']['versions']['torch']} · "
         f"{report['environment']['cpu_threads']} CPU threads · validation split only "
         f"(majority-class share of val: {report['val_majority_share']:.3f}). Per-seed cells read seed 0 / 1 / 2; the "
-        "times are per run.",
+        "times are per run. " + report.get("note", ""),
         "",
         "| candidate | what | epochs | seeds | best val AUC per seed | mean | min | val ACC there | best epoch | "
         "s/epoch | wall min | params |",
@@ -172,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds per candidate (default: 0)")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
     parser.add_argument("--runs-dir", default=str(RUNS / "vit-tuning"))
+    parser.add_argument("--note", default="", help="how the runs were made (threads, other jobs), for the report")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     out = Path(args.results) / f"vit_recipe_tuning_{args.dataset}"
-    report, rows = growing_report(out, "benchmarks/vit_recipe_tuning.py")
+    report, rows = growing_report(out, "benchmarks/vit_recipe_tuning.py", args.note)
     for name in args.candidates:
         results = []
         for seed in args.seeds:
