@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Where the MedMNIST files are; empty means the default search path ($$MEDBOOST_DATA, ~/.medmnist) and download.
 DATA_DIR ?= $(firstword $(wildcard ../shared/data/medmnist))
-EPOCHS ?= 40
+# Epochs of every demo arm; empty means the demo's default (medboost.pipelines.demo.DEMO_EPOCHS).
+EPOCHS ?=
 
 .PHONY: setup demo test lint clean
 
@@ -26,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/medboost demo --epochs $(EPOCHS) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(BIN)/medboost demo $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 test: setup
 	$(BIN)/pytest

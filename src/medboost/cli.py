@@ -206,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (train, demo):
         command.add_argument("--verbose", action="store_true", help="show every library message and warning")
     demo.add_argument("--dataset", default="breastmnist")
-    demo.add_argument("--epochs", type=int, default=None, help="epochs of every arm (default 40)")
+    demo.add_argument(
+        "--epochs", type=int, default=None, help="epochs of every arm (default: the tuned CPU recipe's schedule)"
+    )
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--data-dir", default=None, help="folder holding the MedMNIST .npz (default: search path)")
     demo.add_argument("--seed", type=int, default=0)
