@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from medboost.engine.config import ModelConfig, RunConfig
 from medboost.engine.records import environment
 from medboost.engine.trainer import finished_result
-from medboost.metrics.classification import get_auc
+from medboost.metrics.classification import get_auc, majority_share
 from medboost.metrics.paired import paired_difference
 from medboost.models import load_pretrained
 from medboost.pipelines.classification import build_datamodule, build_model, train_classifier
@@ -261,8 +261,14 @@ def saliency_figure(cfgs: dict[str, RunConfig], results: Path, tag: str, cases: 
     return str(rel)
 
 
+def test_majority_share(results: list[dict]) -> float:
+    """The test ACC of always answering the most frequent class (the trivial solution an arm must beat)."""
+    return majority_share(np.asarray(results[0]["test_outputs"]["labels"]), results[0]["data"]["task"])
+
+
 def arm_summary(results: list[dict], flops: int) -> dict:
     acc = [r["test"]["test_acc"] for r in results]
+    trivial = test_majority_share(results)
     auc = [r["test"]["test_auc"] for r in results]
     # Every arm runs the same number of steps per epoch, so the epoch-time ratio is the step-time ratio.
     step = [r["seconds_per_epoch"] for r in results]
@@ -270,6 +276,8 @@ def arm_summary(results: list[dict], flops: int) -> dict:
     return {
         "test_acc": summarise(acc),
         "test_auc": summarise(auc),
+        "test_majority_share": trivial,
+        "seeds_above_majority": sum(a > trivial for a in acc),
         "per_seed": [
             {
                 "seed": r["config"]["seed"],
@@ -332,22 +340,26 @@ def markdown(report: dict) -> str:
         lines += [
             f"### {dataset} ({entry['epochs']} epochs, {seeds} seed(s))",
             "",
-            "| arm | test ACC | test AUC | AUC without branch | branch norm | params | trainable | images/s | "
-            "step-time ratio | FLOP ratio |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| arm | test ACC | seeds with ACC > majority | test AUC | AUC without branch | branch norm | params | "
+            "trainable | images/s | step-time ratio | FLOP ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arm, a in arms_.items():
             time_ratio = a["seconds_per_epoch"] / base["seconds_per_epoch"] if base else float("nan")
             flop_ratio = a["train_flops_per_8_samples"] / base["train_flops_per_8_samples"] if base else float("nan")
             lines.append(
-                f"| {arm} | {_pm(a['test_acc'])} | {_pm(a['test_auc'])} | {_pm(a.get('test_auc_without_branch'))} | "
+                f"| {arm} | {_pm(a['test_acc'])} | {a['seeds_above_majority']}/{len(a['per_seed'])} | "
+                f"{_pm(a['test_auc'])} | {_pm(a.get('test_auc_without_branch'))} | "
                 f"{_pm(a.get('relative_output_norm'))} | {a['parameters'] / 1e6:.2f} M | "
                 f"{a['trainable_parameters'] / 1e6:.2f} M | {a['samples_per_second']:.0f} | {time_ratio:.2f} | "
                 f"{flop_ratio:.2f} |"
             )
         if dataset in PUBLISHED_RESNET18:
             auc, acc = PUBLISHED_RESNET18[dataset]
-            lines.append(f"| ResNet-18 (28), published MedMNIST v2 | {acc:.3f} | {auc:.3f} | | | | | | | |")
+            lines.append(f"| ResNet-18 (28), published MedMNIST v2 | {acc:.3f} | | {auc:.3f} | | | | | | | |")
+        if arms_:
+            trivial = next(iter(arms_.values()))["test_majority_share"]
+            lines.append(f"| always the majority class | {trivial:.3f} | | 0.500 | | | | | | | |")
         lines.append("")
         if entry.get("paired"):
             lines += [

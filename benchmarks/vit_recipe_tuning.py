@@ -28,6 +28,7 @@ from bench_io import RUNS, add_row, growing_report, run
 from medboost.data.medmnist import MedMNISTDataModule
 from medboost.engine.config import ModelConfig, RunConfig
 from medboost.engine.trainer import finished_result
+from medboost.metrics.classification import majority_share
 from medboost.pipelines.classification import train_classifier
 from medboost.pipelines.demo import cpu_recipe
 
@@ -92,11 +93,10 @@ def candidate_config(dataset: str, name: str, data_dir: str, runs: Path, seed: i
     return cfg
 
 
-def majority_share(cfg: RunConfig, split: str) -> float:
+def split_majority_share(cfg: RunConfig, split: str) -> float:
     dm = MedMNISTDataModule(dataset=cfg.data.dataset, data_dir=cfg.data.data_dir)
     dm.setup()
-    labels = np.asarray(dm.dataset(split).labels).reshape(len(dm.dataset(split)), -1)[:, 0]
-    return float(np.bincount(labels).max() / len(labels))
+    return majority_share(np.asarray(dm.dataset(split).labels), dm.task)
 
 
 def seed_row(result: dict) -> dict:
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for seed in args.seeds:
             cfg = candidate_config(args.dataset, name, args.data_dir, Path(args.runs_dir), seed)
-            report.setdefault("val_majority_share", majority_share(cfg, "val"))
+            report.setdefault("val_majority_share", split_majority_share(cfg, "val"))
             started = time.perf_counter()
             print(f"{args.dataset} {name} seed {seed}: {CANDIDATES[name][0]}", flush=True)
             results.append(finished_result(cfg) or train_classifier(cfg, make_plots=False))

@@ -17,6 +17,7 @@ from medboost.metrics.classification import (
     evaluate,
     get_acc,
     get_auc,
+    majority_share,
     normalize_task,
     predictions,
     scores_from_logits,
@@ -172,3 +173,35 @@ def test_bad_input():
     with pytest.raises(DataError, match="3 label names given for 9 classes"):
         classification_report(y_true, y_score, "multi-class", label_names=["a", "b", "c"])
     assert normalize_task("multi-label, binary-class") == "multi-label"
+
+
+@pytest.mark.parametrize(
+    ("task", "labels", "expected"),
+    [
+        ("binary-class", [[1], [1], [0], [1]], 0.75),
+        ("binary-class", [0, 0, 0], 1.0),  # only class 0 present: answering 0 is right every time
+        ("binary-class", [0, 1, 0, 0, 1], 0.6),
+        ("multi-class", [2, 2, 0, 1, 2, 2], 4 / 6),
+        ("ordinal-regression", [[4], [0], [4]], 2 / 3),
+        ("multi-label", [[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 1]], (0.75 + 0.75 + 0.75) / 3),
+    ],
+)
+def test_majority_share_is_the_acc_of_always_answering_the_most_frequent_class(task, labels, expected):
+    assert majority_share(labels, task) == pytest.approx(expected)
+
+
+def test_majority_share_of_real_breastmnist_test_split():
+    """BreastMNIST's test split: 114 of 156 images are class 1, the share the old benchmark's ViT arms sat at."""
+    path = Path(__file__).parents[1].parent / "shared" / "data" / "medmnist" / "breastmnist.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} is not here")
+    labels = np.load(path)["test_labels"]
+    assert majority_share(labels, "binary-class") == pytest.approx(114 / 156)
+    assert np.bincount(labels[:, 0]).tolist() == [42, 114]
+
+
+def test_majority_share_bad_input():
+    with pytest.raises(DataError, match="non-empty"):
+        majority_share([], "binary-class")
+    with pytest.raises(DataError, match="unknown task"):
+        majority_share([0, 1], "regression")

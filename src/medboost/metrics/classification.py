@@ -31,6 +31,7 @@ __all__ = [
     "evaluate",
     "get_acc",
     "get_auc",
+    "majority_share",
     "normalize_task",
     "predictions",
     "scores_from_logits",
@@ -145,6 +146,21 @@ def get_acc(y_true: Any, y_score: Any, task: str, threshold: float = 0.5) -> flo
         y_pred = y_score > threshold
         return _mean_in_order([float(accuracy_score(y_true[:, i], y_pred[:, i])) for i in range(y_true.shape[1])])
     return float(accuracy_score(y_true, predictions(y_score, task, threshold)))
+
+
+def majority_share(y_true: Any, task: str) -> float:
+    """The ACC of the trivial model that always answers the most frequent class of ``y_true`` (per label for
+    multi-label), computed by :func:`get_acc` itself: a model whose ACC does not beat it has learned no decision rule,
+    whatever its AUC."""
+    task = normalize_task(task)
+    y_true = _to_numpy(y_true, "y_true")
+    if task == "multi-label":
+        return get_acc(y_true, np.broadcast_to(y_true.mean(axis=0) > 0.5, y_true.shape).astype(float), task)
+    counts = np.bincount(y_true.reshape(len(y_true), -1)[:, 0].astype(np.int64))
+    # At least two columns: a binary split holding only class 0 must not read as one positive-class score column.
+    constant = np.zeros((len(y_true), max(len(counts), 2)))
+    constant[:, int(np.argmax(counts))] = 1.0
+    return get_acc(y_true, constant, task)
 
 
 def evaluate(y_true: Any, y_score: Any, task: str, threshold: float = 0.5) -> dict[str, float]:
