@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default=None, help="results file name (default medmnist_boost[_quick])")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto | cpu | gpu)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the test split")
+    parser.add_argument("--note", default="", help="how the runs were made (processes, threads, other jobs)")
     parser.add_argument(
         "--source", nargs="+", default=[], metavar="PRESET=PATH", help="read a preset's block from another copy"
     )
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join(["benchmarks/medmnist_boost.py", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
+        "note": args.note,
         "datasets": {},
     }
     for dataset in args.datasets:
@@ -327,6 +329,7 @@ def markdown(report: dict) -> str:
         f"{report['environment']['cpu_threads']} CPU threads · {report['environment']['cuda'] or 'no GPU'} · "
         f"wall time {report['wall_seconds'] / 60:.1f} min",
         "",
+        *([report["note"], ""] if report.get("note") else []),
         "Test split at the checkpoint selected on validation AUC; mean ± std over seeds. Step-time and FLOP ratios "
         'are relative to the ViT baseline of the same dataset, measured in this run. "without branch": the same '
         "checkpoints tested with every booster's branch removed; \"branch norm\": the booster's output change "
