@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.no_ablations, args.datasets = args.seeds[:1], True, ["breastmnist"]
         epochs_of = {d: QUICK_EPOCHS for d in epochs_of}
     tag = args.tag or ("medmnist_boost_quick" if args.quick else "medmnist_boost")
+    # Read before this invocation overwrites it: the saliency figure may have to be carried over from it.
+    earlier = Path(args.results) / f"{tag}.json"
+    earlier_datasets = json.loads(earlier.read_text()).get("datasets", {}) if earlier.is_file() else {}
     started = time.perf_counter()
     report = {
         "command": "python " + " ".join(["benchmarks/medmnist_boost.py", *sys.argv[1:]]),
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             write_outputs(report, args, tag, time.perf_counter() - started)  # keep partial results
         if spatial == 2 and {"vit", "vit+smollm2"} <= set(runs):
             pair = {arm: first_seed[arm] for arm in ("vit", "vit+smollm2")}
-            entry.update(saliency_entry(pair, Path(args.results), tag, dataset))
+            entry.update(saliency_entry(pair, Path(args.results), tag, earlier_datasets.get(dataset, {})))
     write_outputs(report, args, tag, time.perf_counter() - started)
     print((Path(args.results) / f"{tag}.md").read_text())
     return 0
@@ -221,15 +224,14 @@ def paired_summaries(runs: dict[str, list[dict]], resamples: int) -> dict[str, d
     return out
 
 
-def saliency_entry(cfgs: dict[str, RunConfig], results: Path, tag: str, dataset: str) -> dict:
+def saliency_entry(cfgs: dict[str, RunConfig], results: Path, tag: str, old: dict) -> dict:
     """The report's saliency figure of ``cfgs`` (arm -> its first seed's run): drawn when their saved models are on this
-    machine; else the figure an earlier invocation drew from runs of exactly these configs (only ``result.json`` is
-    kept across sessions); else a note saying why there is none."""
+    machine; else the figure an earlier invocation drew from runs of exactly these configs (``old``: that
+    invocation's entry for the dataset; only ``result.json`` is kept across sessions); else a note saying why there is
+    none."""
     runs = {arm: cfg.to_dict() for arm, cfg in cfgs.items()}
     if all((cfg.run_dir / "model").is_dir() for cfg in cfgs.values()):
         return {"saliency_figure": saliency_figure(cfgs, results, tag), "saliency_runs": runs}
-    earlier = results.joinpath(f"{tag}.json")
-    old = json.loads(earlier.read_text())["datasets"].get(dataset, {}) if earlier.is_file() else {}
     stored = old.get("saliency_runs", {})
     if (results / old.get("saliency_figure", "-")).is_file() and set(stored) == set(cfgs):
         if not any(cfg.differences(stored[arm]) for arm, cfg in cfgs.items()):
