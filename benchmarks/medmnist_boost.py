@@ -265,14 +265,14 @@ def saliency_figure(cfgs: dict[str, RunConfig], results: Path, tag: str, cases: 
     return str(rel)
 
 
-def test_majority_share(results: list[dict]) -> float:
+def arm_majority_share(results: list[dict]) -> float:
     """The test ACC of always answering the most frequent class (the trivial solution an arm must beat)."""
     return majority_share(np.asarray(results[0]["test_outputs"]["labels"]), results[0]["data"]["task"])
 
 
 def arm_summary(results: list[dict], flops: int) -> dict:
     acc = [r["test"]["test_acc"] for r in results]
-    trivial = test_majority_share(results)
+    trivial = arm_majority_share(results)
     auc = [r["test"]["test_auc"] for r in results]
     # Every arm runs the same number of steps per epoch, so the epoch-time ratio is the step-time ratio.
     step = [r["seconds_per_epoch"] for r in results]
