@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_io import run, write_report
+from bench_io import RUNS, run, write_report
 
 from medboost.engine.config import ModelConfig, RunConfig
 from medboost.engine.records import environment
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--epochs", type=int, default=CPU_EPOCHS["breastmnist"])
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    parser.add_argument("--runs-dir", default=str(Path.home() / ".cache" / "medboost" / "bench-runs" / "bf16"))
+    parser.add_argument("--runs-dir", default=str(RUNS / "bf16"))
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     variants = ["fp32", *[v for v in args.variants if v != "fp32"]]  # fp32 is every ratio's reference

@@ -92,6 +92,17 @@ def ablation_arms(sources: dict[str, str] | None = None) -> dict[str, ModelConfi
     }
 
 
+def select_arms(
+    dataset: str, names: list[str] | None, no_ablations: bool, sources: dict[str, str] | None = None
+) -> dict[str, ModelConfig]:
+    """The arms to run on ``dataset``: the six, the ablations on BreastMNIST unless ``no_ablations``, kept to
+    ``names`` when given."""
+    chosen = arms(3 if dataset.endswith("3d") else 2, sources)
+    if dataset == "breastmnist" and not no_ablations:
+        chosen.update(ablation_arms(sources))
+    return {k: v for k, v in chosen.items() if names is None or k in names}
+
+
 def recipe(
     dataset: str, model: ModelConfig, arm: str, seed: int, epochs: int, data_dir: str, out: Path, accelerator="auto"
 ) -> RunConfig:
@@ -126,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, BreastMNIST only, a short schedule, no ablations")
     parser.add_argument("--datasets", nargs="+", default=["breastmnist", "retinamnist", "adrenalmnist3d"])
-    parser.add_argument("--arms", nargs="+", default=None, help="subset of arms (default: all)")
+    parser.add_argument(
+        "--arms", nargs="+", default=None, help="subset of arms, the six and the ablations by name (default: all)"
+    )
     parser.add_argument("--no-ablations", action="store_true", help="skip the BreastMNIST ablation arms")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every dataset (default: the recipe's)")
@@ -150,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"--source expects PRESET=PATH, got {' '.join(bad)}")
     sources = dict(item.split("=", 1) for item in args.source)
+    unknown = sorted(set(args.arms or ()) - set(arms(2)) - set(ablation_arms()))
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; arms: {sorted(arms(2))}, ablations: {sorted(ablation_arms())}")
     epochs_of = dict(CPU_EPOCHS)
     if args.quick:
         args.runs_dir = str(Path(args.runs_dir) / "quick")
@@ -170,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in args.datasets:
         epochs = args.epochs or epochs_of[dataset]
         spatial = 3 if dataset.endswith("3d") else 2
-        chosen = {k: v for k, v in arms(spatial, sources).items() if args.arms is None or k in args.arms}
-        if dataset == "breastmnist" and not args.no_ablations:
-            chosen.update(ablation_arms(sources))
+        chosen = select_arms(dataset, args.arms, args.no_ablations, sources)
         entry = report["datasets"].setdefault(dataset, {"epochs": epochs, "arms": {}})
         runs: dict[str, list[dict]] = {}
         first_seed: dict[str, RunConfig] = {}

@@ -76,6 +76,9 @@ CANDIDATES: dict[str, tuple[str, int, Callable[[RunConfig], None]]] = {
     "s3": ("r9 + EMA 0.995", 60, _set(model__kwargs=CONV_VIT, data__batch_size=16, trainer__ema_decay=0.995)),
     "s4": ("r9, 100 epochs", 100, _set(model__kwargs=CONV_VIT, data__batch_size=16)),
     "s5": ("r9, lr 2.5e-4, 100 epochs", 100, _set(model__kwargs=CONV_VIT, data__batch_size=16, optim__lr=2.5e-4)),
+    # The demo's budget (~15 min for three arms on 2 cores): how much of s1 survives a shorter schedule.
+    "s6": ("s1, 40 epochs", 40, _set(model__kwargs=CONV_VIT, data__batch_size=16, optim__grad_clip=1.0)),
+    "s7": ("s1, 30 epochs", 30, _set(model__kwargs=CONV_VIT, data__batch_size=16, optim__grad_clip=1.0)),
 }
 
 
