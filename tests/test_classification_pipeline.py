@@ -214,23 +214,32 @@ def test_a_run_folder_is_never_resumed_under_another_config(tmp_path, capsys):
     assert json.loads((cfg.run_dir / "run_config.json").read_text())["trainer"]["max_epochs"] == 2
 
 
-def test_demo_compares_the_three_arms_and_names_its_runs_by_what_they_trained(tmp_path, tiny_llm, capsys):
+@pytest.mark.parametrize("bf16_cpu", [False, True], ids=["sequential-fp32", "side-by-side-bf16"])
+def test_demo_compares_the_three_arms_and_names_its_runs_by_what_they_trained(
+    tmp_path, tiny_llm, capsys, monkeypatch, bf16_cpu
+):
     real = Path(__file__).parents[1].parent / "shared" / "data" / "medmnist"
     if not (real / "breastmnist.npz").is_file():
         pytest.skip(f"real BreastMNIST file is absent from {real}")
+    # Both paths, whatever this CPU is: bf16 autocast also runs (slower) where the CPU emulates it.
+    monkeypatch.setattr("medboost.pipelines.demo.native_cpu_bf16", lambda: bf16_cpu)
     out = tmp_path / "demo"
     args = ["demo", "--epochs", "1", "--output-dir", str(out), "--data-dir", str(real), "--no-download"]
     assert main([*args, "--block", tiny_llm]) == 0
     printed = capsys.readouterr().out
     assert "vit+llm" in printed and "vit+random-block" in printed and "AUC" in printed
+    assert ("side by side" in printed) == bf16_cpu
     summary = json.loads((out / "breastmnist" / "summary.json").read_text())
     assert [r["model"] for r in summary["rows"]] == ["vit", "vit+llm", "vit+random-block"]
+    block = "bf16-mixed" if bf16_cpu else "32-true"
+    assert [r["precision"] for r in summary["rows"]] == ["32-true", block, block]
     runs = {str(Path(r["run_dir"]).relative_to(out)) for r in summary["rows"]}
     name = Path(tiny_llm).name
+    tag = "-bf16-mixed" if bf16_cpu else ""
     assert runs == {
         "breastmnist/vit/1ep-seed0",
-        f"breastmnist/vit_{name}/1ep-seed0",
-        f"breastmnist/vit_random_{name}/1ep-seed0",
+        f"breastmnist/vit_{name}/1ep-seed0{tag}",
+        f"breastmnist/vit_random_{name}/1ep-seed0{tag}",
     }
     for run in runs:
         assert (out / run / "result.json").is_file() and (out / run / "model" / "config.json").is_file()
@@ -244,6 +253,9 @@ def test_demo_compares_the_three_arms_and_names_its_runs_by_what_they_trained(tm
             result["model"]["parameters"],
             result["model"]["trainable_parameters"],
         )
+    for row in summary["rows"]:  # each run was trained in the precision its row names
+        stored = json.loads((Path(row["run_dir"]) / "result.json").read_text())["config"]
+        assert stored["trainer"]["precision"] == row["precision"]
     vit, boosted, random_block = summary["rows"]
     assert vit["trainable_parameters"] == vit["parameters"]
     assert vit["trainable_parameters"] < boosted["trainable_parameters"] < boosted["parameters"]  # adapters; frozen L
@@ -398,3 +410,16 @@ def test_a_monitor_the_task_never_logs_is_one_message_and_leaves_no_folder(tmp_p
     err = capsys.readouterr().err
     assert "trainer.monitor 'val_nope'" in err and "val_auc" in err and "Traceback" not in err
     assert not load_config(None, values).run_dir.exists()
+
+
+def test_native_cpu_bf16_reads_the_cpu_flags(tmp_path):
+    from medboost.pipelines.demo import native_cpu_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert native_cpu_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert native_cpu_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not native_cpu_bf16(cpuinfo)
+    assert not native_cpu_bf16(tmp_path / "absent")  # not Linux: no flags, no bf16 path
