@@ -2,6 +2,7 @@
 
     python benchmarks/medmnist_boost.py                 # full: 3 datasets x 6 arms x 3 seeds + BreastMNIST ablations
     python benchmarks/medmnist_boost.py --quick         # a smoke-sized version (< 15 min)
+    python benchmarks/medmnist_boost.py --jobs 2        # two runs at a time, one process and one thread each
 
 Arms: the ViT baseline; the ViT + the pre-trained SmolLM2-135M last layer; + the pre-trained Gemma-3-270M last layer;
 + a random frozen block of SmolLM2's shape; the MLP-only control (the adapters with the block replaced by the
@@ -40,6 +41,7 @@ from medboost.metrics.paired import paired_difference
 from medboost.models import load_pretrained
 from medboost.pipelines.classification import build_datamodule, build_model, train_classifier
 from medboost.pipelines.demo import CPU_EPOCHS, cpu_recipe, vit_kwargs
+from medboost.pipelines.parallel import threads_per_job, train_in_processes
 from medboost.report.plots import saliency_grid
 from medboost.report.saliency import grad_cam
 
@@ -153,12 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--tag", default=None, help="results file name (default medmnist_boost[_quick])")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto | cpu | gpu)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train this many runs at once, one process each, the CPU threads shared equally (a 2-core CPU: 2; "
+        "a GPU that small models leave idle: ~ its host's cores / 1.5)",
+    )
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the test split")
     parser.add_argument("--note", default="", help="how the runs were made (processes, threads, other jobs)")
     parser.add_argument(
         "--source", nargs="+", default=[], metavar="PRESET=PATH", help="read a preset's block from another copy"
     )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     bad = [item for item in args.source if "=" not in item]
     if bad:
         parser.error(f"--source expects PRESET=PATH, got {' '.join(bad)}")
@@ -183,18 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "datasets": {},
     }
-    for dataset in args.datasets:
+    plan = planned_runs(args, epochs_of, sources)
+    if args.jobs > 1:
+        train_pending(plan, args.jobs, started)
+    for dataset, planned in plan.items():
         epochs = args.epochs or epochs_of[dataset]
         spatial = 3 if dataset.endswith("3d") else 2
-        chosen = select_arms(dataset, args.arms, args.no_ablations, sources)
         entry = report["datasets"].setdefault(dataset, {"epochs": epochs, "arms": {}})
         runs: dict[str, list[dict]] = {}
         first_seed: dict[str, RunConfig] = {}
-        for arm, model in chosen.items():
-            cfgs = [
-                recipe(dataset, model, arm, s, epochs, args.data_dir, Path(args.runs_dir), args.accelerator)
-                for s in args.seeds
-            ]
+        for arm, cfgs in planned.items():
             runs[arm], first_seed[arm] = [], cfgs[0]
             for cfg in cfgs:
                 print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {arm} seed {cfg.seed}", flush=True)
@@ -208,6 +217,43 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(report, args, tag, time.perf_counter() - started)
     print((Path(args.results) / f"{tag}.md").read_text())
     return 0
+
+
+def planned_runs(args, epochs_of: dict[str, int], sources: dict[str, str]) -> dict[str, dict[str, list[RunConfig]]]:
+    """dataset -> arm -> one config per seed, in the order they run."""
+    plan: dict[str, dict[str, list[RunConfig]]] = {}
+    for dataset in args.datasets:
+        epochs = args.epochs or epochs_of[dataset]
+        plan[dataset] = {
+            arm: [
+                recipe(dataset, model, arm, s, epochs, args.data_dir, Path(args.runs_dir), args.accelerator)
+                for s in args.seeds
+            ]
+            for arm, model in select_arms(dataset, args.arms, args.no_ablations, sources).items()
+        }
+    return plan
+
+
+def train_pending(plan: dict[str, dict[str, list[RunConfig]]], jobs: int, started: float) -> None:
+    """Train the planned runs that have not finished, ``jobs`` at a time (one process each, the cores shared
+    equally); the report is then assembled from their result.json files as usual."""
+    pending = {
+        (dataset, arm, cfg.seed): cfg
+        for dataset, planned in plan.items()
+        for arm, cfgs in planned.items()
+        for cfg in cfgs
+        if finished_result(cfg) is None
+    }
+    print(f"{len(pending)} run(s) to train, {jobs} at a time, {threads_per_job(jobs)} thread(s) each", flush=True)
+
+    def done(key, result):
+        print(
+            f"[{time.perf_counter() - started:7.0f} s] done: {' '.join(map(str, key))}, "
+            f"test AUC {result['test']['test_auc']:.3f}",
+            flush=True,
+        )
+
+    train_in_processes(pending, jobs, make_plots=False, reuse=True, on_done=done)
 
 
 #: Epochs of ``--quick`` (every arm, BreastMNIST, one seed: ~13 min on 2 cores, the ResNet-18 arm ~5 of them).

@@ -3,10 +3,6 @@ control, compared side by side on test. Also the CPU recipe every MedMNIST bench
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +12,7 @@ from rich.table import Table
 from medboost.engine.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, TrainerConfig
 from medboost.engine.records import write_json
 from medboost.pipelines.classification import train_classifier
+from medboost.pipelines.parallel import threads_per_job, train_in_processes
 
 #: The CPU ViT, tuned on validation (``benchmarks/vit_recipe_tuning.py``; table in
 #: ``benchmarks/results/vit_recipe_tuning_breastmnist.md``): a convolutional tokenizer (two 3x3 stride-2
@@ -121,45 +118,14 @@ def demo_configs(
     return cfgs
 
 
-def _train_in_worker(cfg: RunConfig, threads: int) -> dict:
-    """One arm in a worker process with ``threads`` intra-op threads and no progress bar (two bars would interleave)."""
-    torch.set_num_threads(threads)
-    cfg.trainer.progress = False
-    return train_classifier(cfg)
-
-
 def _train_side_by_side(console: Console, cfgs: dict[str, RunConfig]) -> dict[str, dict]:
-    """Train ``cfgs`` at once, one process each with an equal share of the cores. bf16 kernels gain nothing from a
-    second thread on a 2-core CPU while float32's do, so two one-thread bf16 runs side by side take about half the
-    time of the same runs one after the other at two threads."""
-    threads = max(1, torch.get_num_threads() // len(cfgs))
-    console.rule(f"[bold]{' and '.join(cfgs)}[/bold] side by side, {threads} thread(s) each")
+    """Train ``cfgs`` at once, one process each with an equal share of the cores (:mod:`medboost.pipelines.parallel`:
+    two one-thread bf16 runs side by side take about half the time of the same runs in turn at two threads)."""
+    console.rule(f"[bold]{' and '.join(cfgs)}[/bold] side by side, {threads_per_job(len(cfgs))} thread(s) each")
     for arm, cfg in cfgs.items():
         console.print(f"{arm}: {cfg.model.name}, {cfg.trainer.precision}, run folder {cfg.run_dir}")
     console.print("no progress bars for these two; each run's per-epoch metrics grow in its logs/metrics.csv")
-    # spawn: a forked child would inherit the parent's OpenMP thread pool state, which can deadlock. The OpenMP
-    # runtime reads its thread count from the environment when it loads, before any torch.set_num_threads: without
-    # the variable each worker kept a second spinning thread, 4 threads on 2 cores and 3x slower epochs.
-    with _environment(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)):
-        pool = ProcessPoolExecutor(len(cfgs), mp_context=multiprocessing.get_context("spawn"))
-        futures = {arm: pool.submit(_train_in_worker, cfg, threads) for arm, cfg in cfgs.items()}
-    with pool:
-        return {arm: future.result() for arm, future in futures.items()}
-
-
-@contextmanager
-def _environment(**values: str):
-    """Set environment variables for the processes started inside, and restore this process's own afterwards."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return train_in_processes(cfgs, jobs=len(cfgs))
 
 
 def run_demo(
