@@ -25,6 +25,7 @@ from bench_io import run, write_report
 from medboost.engine.config import ModelConfig, OptimConfig, RunConfig, SegmentationDataConfig, TrainerConfig
 from medboost.engine.records import environment
 from medboost.engine.trainer import finished_result
+from medboost.pipelines.parallel import threads_per_job, train_in_processes
 from medboost.pipelines.segmentation import train_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +105,17 @@ def arm_summary(results: list[dict]) -> dict:
         per_class[name] = {
             m: mean_std([r["test_metrics"]["per_class"][name][m]["mean"] for r in results]) for m in ("dice", "hd95")
         }
+    contributions = [r.get("booster_contribution") for r in results]
     return {
         "dice": mean_std([r["test_metrics"]["mean_foreground"]["dice"]["mean"] for r in results]),
+        # The booster's contribution (boosted arms): the same checkpoints tested with the branch removed, and the
+        # branch's output change relative to its input (0: the block's branch never grew).
+        "dice_without_branch": mean_std([c["test_dice_without_branch"] for c in contributions])
+        if all(contributions)
+        else None,
+        "relative_output_norm": mean_std([c["relative_output_norm"] for c in contributions])
+        if all(contributions)
+        else None,
         "hd95": mean_std([r["test_metrics"]["mean_foreground"]["hd95"]["mean"] for r in results]),
         "per_class": per_class,
         "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in results),
@@ -117,12 +127,17 @@ def arm_summary(results: list[dict]) -> dict:
                 "best_epoch": r["best_epoch"],
                 "val_dice": r["best_val"],
                 "test_dice": r["test_metrics"]["mean_foreground"]["dice"]["mean"],
+                "booster_contribution": r.get("booster_contribution"),
             }
             for r in results
         ],
         "split_md5": results[0]["data"].get("split_md5"),
         "config": results[0]["config"],
     }
+
+
+def _pm(pair) -> str:
+    return f"{pair[0]:.3f} ± {pair[1]:.3f}" if pair else ""
 
 
 def markdown(report: dict) -> str:
@@ -133,19 +148,21 @@ def markdown(report: dict) -> str:
         f"{report['wall_seconds'] / 60:.1f} min",
         "",
         "Test split (every test case, sliding windows) at the checkpoint selected on validation Dice; mean ± std "
-        "over seeds; HD95 in mm (voxels for 2D). Epoch-time ratio relative to the no-block ViT, same run.",
+        'over seeds; HD95 in mm (voxels for 2D). Epoch-time ratio relative to the no-block ViT, same run. "Dice '
+        'without branch": the same checkpoints tested with every booster\'s branch removed; "branch norm": the '
+        "booster's output change relative to its input (0 = the booster does nothing).",
         "",
     ]
     for dataset, entry in report["datasets"].items():
         arms_ = entry["arms"]
         base = arms_.get("vit-seg")
         classes = list(next(iter(arms_.values()))["per_class"]) if arms_ else []
-        head = "| arm | mean Dice | " + " | ".join(f"Dice {c}" for c in classes) + " | HD95 | params | trainable | "
-        head += "s/epoch | epoch-time ratio |"
+        head = "| arm | mean Dice | " + " | ".join(f"Dice {c}" for c in classes) + " | HD95 | Dice without branch | "
+        head += "branch norm | params | trainable | s/epoch | epoch-time ratio |"
         share = entry.get("train_fraction", 1.0)
         cases = f", {share:.0%} of the training cases" if share < 1 else ""
         title = f"### {dataset} ({entry['epochs']} epochs{cases})"
-        lines += [title, "", head, "|" + "---|" * (7 + len(classes))]
+        lines += [title, "", head, "|" + "---|" * (9 + len(classes))]
         for arm, a in arms_.items():
             ratio = a["seconds_per_epoch"] / base["seconds_per_epoch"] if base else float("nan")
             cells = " | ".join(
@@ -153,11 +170,12 @@ def markdown(report: dict) -> str:
             )
             lines.append(
                 f"| {arm} | {a['dice'][0]:.3f} ± {a['dice'][1]:.3f} | {cells} | {a['hd95'][0]:.2f} ± "
-                f"{a['hd95'][1]:.2f} | {a['parameters'] / 1e6:.2f} M | {a['trainable_parameters'] / 1e6:.2f} M"
+                f"{a['hd95'][1]:.2f} | {_pm(a.get('dice_without_branch'))} | {_pm(a.get('relative_output_norm'))} | "
+                f"{a['parameters'] / 1e6:.2f} M | {a['trainable_parameters'] / 1e6:.2f} M"
                 f" | {a['seconds_per_epoch']:.1f} | {ratio:.2f} |"
             )
         if dataset == "hippocampus":
-            lines.append(f"| nnU-Net (published level) | ~{NNUNET_HIPPOCAMPUS_DICE} | | | | | | | |")
+            lines.append(f"| nnU-Net (published level) | ~{NNUNET_HIPPOCAMPUS_DICE} |" + " |" * (7 + len(classes)))
         lines.append("")
     return "\n".join(lines)
 
@@ -178,31 +196,62 @@ def main(argv: list[str] | None = None) -> int:
         help="run folders (--quick uses its quick/ subfolder, apart from the full runs)",
     )
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--tag", default=None, help="results file name (default segmentation_boost[_quick])")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train this many runs at once, one process each, the CPU threads shared equally; the report is then "
+        "assembled from their result.json files",
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    unknown = sorted(set(args.arms or ()) - set(arms()))
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; arms: {sorted(arms())}")
     # Sized so that the full run (2 datasets x 8 arms x 3 seeds = 48 runs) fits 3 hours on 2 CPU cores: measured
     # 172 min, ~69 s per Hippocampus epoch (182 crops + Dice on 26 validation volumes), ~5 min per Hippocampus run.
     epochs_for, train_fraction = {"hippocampus": 4, "isbi2012": 8}, 1.0
     if args.quick:  # a smoke run within 15 minutes: it shows the pipeline works, not which arm is better
         args.runs_dir = str(Path(args.runs_dir) / "quick")
         args.seeds, args.datasets, epochs_for, train_fraction = args.seeds[:1], ["hippocampus"], {"hippocampus": 2}, 0.5
-    tag = "segmentation_boost_quick" if args.quick else "segmentation_boost"
+    tag = args.tag or ("segmentation_boost_quick" if args.quick else "segmentation_boost")
     started = time.perf_counter()
     report = {
-        "command": "python " + " ".join(["benchmarks/segmentation_boost.py", *sys.argv[1:]]),
+        "command": "python "
+        + " ".join(["benchmarks/segmentation_boost.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
         "datasets": {},
     }
-    for dataset in args.datasets:
+    plan = {
+        dataset: {
+            arm: [
+                recipe(
+                    dataset, model, arm, seed, args.epochs or epochs_for[dataset], Path(args.runs_dir), train_fraction
+                )
+                for seed in args.seeds
+            ]
+            for arm, model in arms().items()
+            if not args.arms or arm in args.arms
+        }
+        for dataset in args.datasets
+    }
+    if args.jobs > 1:
+        pending = {
+            (d, a, c.seed): c for d, p in plan.items() for a, cs in p.items() for c in cs if not finished_result(c)
+        }
+        print(f"{len(pending)} run(s) to train, {args.jobs} at a time, {threads_per_job(args.jobs)} thread(s) each")
+        train_in_processes(pending, args.jobs, reuse=True)
+    for dataset, planned in plan.items():
         epochs = args.epochs or epochs_for[dataset]
         entry = report["datasets"].setdefault(dataset, {"epochs": epochs, "train_fraction": train_fraction, "arms": {}})
-        for arm, model in arms().items():
-            if args.arms and arm not in args.arms:
-                continue
+        for arm, cfgs in planned.items():
             results = []
-            for seed in args.seeds:
-                print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {arm} seed {seed}", flush=True)
-                results.append(run_one(recipe(dataset, model, arm, seed, epochs, Path(args.runs_dir), train_fraction)))
+            for cfg in cfgs:
+                print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {arm} seed {cfg.seed}", flush=True)
+                results.append(run_one(cfg))
             entry["arms"][arm] = arm_summary(results)
             report["wall_seconds"] = time.perf_counter() - started
             write_report(Path(args.results) / tag, report, markdown)

@@ -10,12 +10,14 @@ import torch
 from synthetic_data import write_npz
 
 from medboost.engine.config import load_config
+from medboost.errors import TrainingError
 from medboost.metrics.classification import evaluate, scores_from_logits
 from medboost.models import load_pretrained
 from medboost.models.booster import RESIDUAL_MODES, BoosterNormProbe, booster_bypassed, boosters
 from medboost.models.classifier import ViTClassifier
 from medboost.models.vivit import ViViTClassifier
-from medboost.pipelines.classification import build_datamodule, contribution_record, train_classifier
+from medboost.pipelines.classification import build_datamodule, train_classifier
+from medboost.pipelines.contribution import bypassed_test, classification_contribution, segmentation_contribution
 
 TINY_VIT = {"patch_size": 7, "dim": 32, "depth": 2, "heads": 2, "drop_path": 0.0, "num_classes": 3}
 
@@ -91,7 +93,7 @@ def test_a_zero_m2_has_norm_zero_and_the_same_metrics_without_the_branch(tiny_ll
     labels = np.arange(12).reshape(12, 1) % 3
     scores = {"labels": labels, "scores": scores_from_logits(logits, "multi-class").numpy()}
     bypassed = {"labels": labels, "scores": scores_from_logits(bypassed_logits, "multi-class").numpy()}
-    record = contribution_record("multi-class", scores, bypassed, norms)
+    record = classification_contribution("multi-class", scores, bypassed, norms)
     assert (record["test_auc"], record["test_acc"]) == (
         record["test_auc_without_branch"],
         record["test_acc_without_branch"],
@@ -186,3 +188,54 @@ def test_a_boosted_run_records_its_contribution_and_a_plain_run_none(tmp_path, t
     plain = _config(data, tmp_path / "runs", "vit_tiny", vit)
     train_classifier(plain, make_plots=False)
     assert "booster_contribution" not in json.loads((plain.run_dir / "result.json").read_text())
+
+
+class _Repeatable:
+    """A trainer whose test records what a real test would depend on: whether the branch is removed, and whether
+    the task's prediction writer is called."""
+
+    def __init__(self, task):
+        self.task, self.written = task, []
+
+    def test(self, task, datamodule=None, verbose=False):
+        bypassed = [b.bypassed for b in boosters(task.model)]
+        task.test_metrics = {"bypassed": bypassed}
+        if task.on_prediction is not None:
+            task.on_prediction("test", 0)
+
+
+def test_bypassed_test_removes_the_branch_keeps_the_runs_value_and_writes_no_predictions(tiny_llm):
+    task = torch.nn.Module()
+    task.model = _boosted(tiny_llm, "outer", zero_init=False)
+    written = []
+    task.on_prediction, task.test_metrics = (lambda *a: written.append(a)), {"the": "run's own"}
+    trainer = _Repeatable(task)
+    assert bypassed_test(trainer, task, None, "test_metrics") == {"bypassed": [True]}
+    assert task.test_metrics == {"the": "run's own"} and written == []
+    assert [b.bypassed for b in boosters(task.model)] == [False]
+    trainer.test(task)  # the writer is back for later tests
+    assert written == [("test", 0)]
+
+
+def test_segmentation_contribution_compares_the_two_tests_class_by_class():
+    def metrics(anterior: float, posterior: float) -> dict:
+        per_class = {"anterior": {"dice": {"mean": anterior}}, "posterior": {"dice": {"mean": posterior}}}
+        mean = (anterior + posterior) / 2
+        return {
+            "n_volumes": 4,
+            "per_class": per_class,
+            "mean_foreground": {"dice": {"mean": mean}, "hd95": {"mean": 3.0}},
+        }
+
+    record = segmentation_contribution(metrics(0.8, 0.6), metrics(0.7, 0.6), {"relative_output_norm": 0.3})
+    assert record["test_dice"] == pytest.approx(0.7) and record["test_dice_without_branch"] == pytest.approx(0.65)
+    assert record["delta_dice"] == pytest.approx(0.05)
+    assert record["per_class_dice"] == {
+        "anterior": {"with": 0.8, "without": 0.7},
+        "posterior": {"with": 0.6, "without": 0.6},
+    }
+    assert record["relative_output_norm"] == 0.3
+    other = metrics(0.7, 0.6)
+    other["n_volumes"] = 3
+    with pytest.raises(TrainingError, match="other volumes"):
+        segmentation_contribution(metrics(0.8, 0.6), other, None)

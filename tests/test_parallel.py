@@ -113,3 +113,32 @@ def test_deit224_recipe_is_the_papers_config_with_the_arms_model(tiny_llm):
     x = dm.dataset("test")[0][0]
     assert x.shape == (3, 224, 224)
     assert build_model(cfg, dm).eval()(x[None]).shape == (1, 2)
+
+
+def test_segmentation_runs_train_in_workers_too_and_other_tasks_are_refused(tmp_path):
+    from synthetic_data import make_2d
+
+    from medboost.engine.config import load_config
+    from medboost.pipelines.parallel import train_in_processes
+
+    values = {
+        "task": "segmentation",
+        "data.root": str(make_2d(tmp_path / "em", n=8)),
+        "data.roi_size": [32, 32],
+        "data.batch_size": 2,
+        "data.val_fraction": 0.25,
+        "data.test_fraction": 0.25,
+        "data.write_predictions": False,
+        "model.name": "unet",
+        "model.kwargs": {"channels": [4, 8], "strides": [2]},
+        "trainer.max_epochs": 1,
+        "optim.warmup_epochs": 0,
+        "output_dir": str(tmp_path / "runs"),
+    }
+    cfg = load_config(None, values)
+    (result,) = train_in_processes({"unet": cfg}, jobs=1).values()
+    assert result["test_metrics"]["n_volumes"] == 2 and (cfg.run_dir / "result.json").is_file()
+    other = load_config(None, {k: v for k, v in values.items() if not k.startswith(("data.", "task"))})
+    other.task = "vision_language"
+    with pytest.raises(ValueError, match="task 'vision_language' is not supported"):
+        train_in_processes({"vl": other}, jobs=1)

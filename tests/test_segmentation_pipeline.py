@@ -74,11 +74,20 @@ def _assert_reported_dice_is_that_of_the_written_predictions(metrics: dict, pair
 
 def test_cli_segmentation_3d_writes_predictions_in_the_source_grid(tmp_path, tiny_llm, capsys):
     root = make_task(tmp_path / "Task99_Synthetic")
-    kwargs = dict(TINY_SEG, booster={"block": {"source": tiny_llm}, "position": "embed"})
+    # A random M2: the branch changes the tokens from the start, so predictions with and without it can differ.
+    booster = {"block": {"source": tiny_llm}, "position": "embed", "zero_init": False}
+    kwargs = dict(TINY_SEG, booster=booster)
     assert main(["train", *cli_args(_values(root, tmp_path / "runs", **{"model.kwargs": kwargs}))]) == 0
     run = tmp_path / "runs" / "Task99_Synthetic" / "medvisionllama" / "seed0"
     result = json.loads((run / "result.json").read_text())
     metrics = result["test_metrics"]
+    # The booster's contribution: the run's own test (the written predictions below are its), and the same test
+    # without the branch, which did not overwrite them.
+    contribution = result["booster_contribution"]
+    assert contribution["test_dice"] == metrics["mean_foreground"]["dice"]["mean"]
+    assert contribution["delta_dice"] == contribution["test_dice"] - contribution["test_dice_without_branch"]
+    assert set(contribution["per_class_dice"]) == set(metrics["per_class"]) - {"background"}
+    assert contribution["relative_output_norm"] > 0
     assert metrics["n_volumes"] == 2 and len(metrics["per_class"]) == 2  # both foreground classes, kept apart
     predictions = sorted((run / "predictions").glob("*.nii.gz"))
     _assert_reported_dice_is_that_of_the_written_predictions(
@@ -115,6 +124,7 @@ def test_cli_segmentation_2d(tmp_path, model):
         p.name: (np.asarray(Image.open(p)) > 0, np.asarray(Image.open(root / "masks" / p.name)) > 0) for p in masks
     }
     _assert_reported_dice_is_that_of_the_written_predictions(result["test_metrics"], pairs)
+    assert "booster_contribution" not in result  # no booster, nothing to remove
     assert len(list((run / "predictions").glob("*_overlay.png"))) == 2
     assert all(p.stat().st_size > 100 for p in (run / "predictions").glob("[0-9].png"))
 

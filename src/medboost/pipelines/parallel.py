@@ -94,7 +94,8 @@ def train_in_processes(
     on_done: Callable[[Hashable, dict], None] | None = None,
     stop_at: float | None = None,
 ) -> dict[Hashable, dict]:
-    """Train every config of ``cfgs`` (key -> RunConfig) in up to ``jobs`` processes; returns key -> result. An
+    """Train every config of ``cfgs`` (key -> RunConfig; classification or segmentation) in up to ``jobs``
+    processes; returns key -> result (``make_plots``: the classifiers' figures). An
     interrupted run resumes (as ``train_classifier`` does); with ``reuse`` a run that already finished with exactly
     its config is read back instead of trained again. No progress bars (several would interleave): each run's
     per-epoch metrics grow in its logs/metrics.csv. ``stop_at``: start no run after that ``time.perf_counter()``
@@ -105,4 +106,12 @@ def train_in_processes(
 
 def _train_quietly(cfg: RunConfig, make_plots: bool, reuse: bool) -> dict:
     cfg.trainer.progress = False
-    return (reuse and finished_result(cfg)) or train_classifier(cfg, make_plots=make_plots)
+    if reuse and (done := finished_result(cfg)):
+        return done
+    if cfg.task == "segmentation":
+        from medboost.pipelines.segmentation import train_segmenter  # its data stack loads only when needed
+
+        return train_segmenter(cfg)
+    if cfg.task != "classification":
+        raise ValueError(f"runs side by side: task {cfg.task!r} is not supported (classification, segmentation)")
+    return train_classifier(cfg, make_plots=make_plots)

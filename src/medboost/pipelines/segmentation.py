@@ -15,6 +15,8 @@ from medboost.engine.config import RunConfig, section_kwargs
 from medboost.engine.records import run_record, write_json
 from medboost.engine.trainer import fit_and_test, start_run
 from medboost.models import create_model, save_pretrained
+from medboost.models.booster import boosters
+from medboost.pipelines.contribution import BoosterProbeCallback, bypassed_test, segmentation_contribution
 from medboost.report.segmentation_io import overlay_png, write_nifti_like, write_png_mask
 from medboost.tasks.segmentation import SegmentationTask
 
@@ -78,12 +80,18 @@ def train_segmenter(cfg: RunConfig, resume: bool = True, callbacks=()) -> dict[s
     started = start_run(cfg)
     run_dir = cfg.run_dir
     dm, model, task = prepare(cfg, predictions=run_dir / "predictions" if cfg.data.write_predictions else None)
-    outcome = fit_and_test(cfg, task, dm, monitor="val_dice", mode="max", resume=resume, callbacks=list(callbacks))
+    probe = BoosterProbeCallback() if boosters(model) else None
+    extra = [*callbacks, *([probe] if probe else [])]
+    outcome = fit_and_test(cfg, task, dm, monitor="val_dice", mode="max", resume=resume, callbacks=extra)
     trainer = outcome.pop("trainer")
+    # Every process takes part in the bypassed test (it gathers across them); only rank 0 records it.
+    bypassed = bypassed_test(trainer, task, dm, "test_metrics") if probe and task.test_metrics else None
     result: dict[str, Any] = {
         **run_record(cfg, dm.record(), model, outcome),
         "test_metrics": task.test_metrics,
     }
+    if bypassed is not None:
+        result["booster_contribution"] = segmentation_contribution(task.test_metrics, bypassed, probe.norms)
     if trainer.is_global_zero:
         save_pretrained(
             model,
