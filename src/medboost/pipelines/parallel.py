@@ -59,26 +59,40 @@ def run_in_processes(
     ``time.perf_counter()`` value) no call starts after that time: the running ones finish, the others are left out
     of the result. The first failed call's exception is raised once the others have finished."""
     threads = threads or threads_per_job(jobs)
+    workers = max(1, min(jobs, len(calls)))
+    queue = iter(calls.items())
+    futures: dict = {}
+
+    def submit_next() -> bool:
+        """Hand the next call to the pool, unless none is left or the time is up. Calls are submitted one per free
+        worker, never ahead: the pool would move queued calls to its workers where ``cancel()`` no longer stops them."""
+        if stop_at is not None and time.perf_counter() >= stop_at:
+            return False
+        item = next(queue, None)
+        if item is None:
+            return False
+        futures[pool.submit(_with_threads, threads, fn, *item[1])] = item[0]
+        return True
+
     # spawn: a forked child would inherit the parent's OpenMP thread-pool state, which can deadlock. The OpenMP runtime
     # reads its thread count from the environment when it loads, before any torch.set_num_threads: without the
-    # variable each worker kept a second spinning thread (4 threads on 2 cores, 3x slower epochs). The workers start
-    # at submit, inside this block.
+    # variable each worker kept a second spinning thread (4 threads on 2 cores, 3x slower epochs). The pool's workers
+    # start at their first submit, inside this block.
     with environment(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)):
-        pool = ProcessPoolExecutor(max(1, min(jobs, len(calls))), mp_context=multiprocessing.get_context("spawn"))
-        futures = {pool.submit(_with_threads, threads, fn, *args): key for key, args in calls.items()}
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        for _ in range(workers):
+            if not submit_next():
+                break
+        running = set(futures)
     with pool:
-        pending = set(futures)
-        while pending:
-            timeout = None if stop_at is None else max(0.0, stop_at - time.perf_counter())
-            done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 if on_done is not None and future.exception() is None:
                     on_done(futures[future], future.result())
-            if stop_at is not None and time.perf_counter() >= stop_at:
-                # cancel() succeeds only for calls no worker has taken yet.
-                pending = {future for future in pending if not future.cancel()}
-                stop_at = None
-        return {key: future.result() for future, key in futures.items() if not future.cancelled()}
+                if submit_next():
+                    running.add(next(reversed(futures)))
+        return {key: future.result() for future, key in futures.items()}
 
 
 def _with_threads(threads: int, fn: Callable[..., Any], *args) -> Any:
