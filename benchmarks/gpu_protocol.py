@@ -23,7 +23,8 @@ runs that finished before (their committed ``result.json`` files travel with the
 
 Outputs (at most 8 files come back from the device): ``OUT/medmnist_boost_gpu100.{md,json}``,
 ``OUT/medmnist_boost_gpu_deit224.{md,json}``, their Grad-CAM figures under ``OUT/figures/``, and
-``OUT/gpu_protocol_runs.tar.gz`` with every finished run's ``result.json`` and this script's log.
+``OUT/gpu_protocol_runs.tar.gz`` with every finished run's ``result.json`` and the call's status (each part's
+budget, minutes and error if any).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from medboost.metrics.paired import paired_difference
 from medboost.models import load_pretrained
 from medboost.pipelines.classification import build_datamodule, build_model, train_classifier
 from medboost.pipelines.demo import CPU_EPOCHS, cpu_recipe, vit_kwargs
-from medboost.pipelines.parallel import threads_per_job, train_in_processes
+from medboost.pipelines.parallel import train_unfinished
 from medboost.report.plots import saliency_grid
 from medboost.report.saliency import grad_cam
 
@@ -166,11 +166,6 @@ def count_flops(cfg: RunConfig, batch: int = 8) -> int:
     return counter.get_total_flops()
 
 
-def run_one(cfg: RunConfig) -> dict:
-    # A finished run is reused (an interrupted one resumes from its last checkpoint instead).
-    return finished_result(cfg) or train_classifier(cfg, make_plots=False)
-
-
 def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -274,13 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict]] = {}
         first_seed: dict[str, RunConfig] = {}
         for arm, cfgs in planned.items():
-            if args.budget_min and not all(finished_result(cfg) for cfg in cfgs):
+            finished = [finished_result(cfg) for cfg in cfgs]
+            if args.budget_min and not all(finished):
                 entry.setdefault("unfinished", []).append(arm)  # not within the budget: no partial arm
                 continue
             runs[arm], first_seed[arm] = [], cfgs[0]
-            for cfg in cfgs:
+            for cfg, done in zip(cfgs, finished):
                 print(f"[{time.perf_counter() - started:7.0f} s] {dataset} {arm} seed {cfg.seed}", flush=True)
-                runs[arm].append(run_one(cfg))
+                # A finished run is reused (an interrupted one resumes from its last checkpoint instead).
+                runs[arm].append(done or train_classifier(cfg, make_plots=False))
             entry["arms"][arm] = arm_summary(runs[arm], count_flops(cfgs[0]))
             entry["paired"] = paired_summaries(runs, args.resamples)
             write_outputs(report, args, tag, time.perf_counter() - started)  # keep partial results
@@ -320,14 +317,7 @@ def train_pending(
     """Train the planned runs that have not finished, ``jobs`` at a time (one process each, the cores shared
     equally), starting none after ``budget_min`` minutes; the report is then assembled from their result.json files
     as usual."""
-    pending = {
-        (dataset, arm, cfg.seed): cfg
-        for dataset, planned in plan.items()
-        for arm, cfgs in planned.items()
-        for cfg in cfgs
-        if finished_result(cfg) is None
-    }
-    print(f"{len(pending)} run(s) to train, {jobs} at a time, {threads_per_job(jobs)} thread(s) each", flush=True)
+    every = {(d, arm, cfg.seed): cfg for d, planned in plan.items() for arm, cfgs in planned.items() for cfg in cfgs}
 
     def done(key, result):
         print(
@@ -337,7 +327,7 @@ def train_pending(
         )
 
     stop_at = started + 60 * budget_min if budget_min else None
-    train_in_processes(pending, jobs, make_plots=False, reuse=True, on_done=done, stop_at=stop_at)
+    train_unfinished(every, jobs, on_done=done, stop_at=stop_at)
 
 
 #: Epochs of ``--quick`` (every arm, BreastMNIST, one seed: ~13 min on 2 cores, the ResNet-18 arm ~5 of them).

@@ -25,7 +25,7 @@ from bench_io import run, write_report
 from medboost.engine.config import ModelConfig, OptimConfig, RunConfig, SegmentationDataConfig, TrainerConfig
 from medboost.engine.records import environment
 from medboost.engine.trainer import finished_result
-from medboost.pipelines.parallel import threads_per_job, train_in_processes
+from medboost.pipelines.parallel import train_unfinished
 from medboost.pipelines.segmentation import train_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,11 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         for dataset in args.datasets
     }
     if args.jobs > 1:
-        pending = {
-            (d, a, c.seed): c for d, p in plan.items() for a, cs in p.items() for c in cs if not finished_result(c)
-        }
-        print(f"{len(pending)} run(s) to train, {args.jobs} at a time, {threads_per_job(args.jobs)} thread(s) each")
-        train_in_processes(pending, args.jobs, reuse=True)
+        train_unfinished({(d, a, c.seed): c for d, p in plan.items() for a, cs in p.items() for c in cs}, args.jobs)
     for dataset, planned in plan.items():
         epochs = args.epochs or epochs_for[dataset]
         entry = report["datasets"].setdefault(dataset, {"epochs": epochs, "train_fraction": train_fraction, "arms": {}})

@@ -72,7 +72,7 @@ def test_no_call_starts_after_stop_at_and_the_left_out_ones_are_not_in_the_resul
 
 
 def test_budget_reports_only_the_arms_whose_seeds_all_finished(tmp_path, monkeypatch):
-    monkeypatch.setattr(medmnist_boost, "train_in_processes", lambda *a, **k: {})  # the budget ran out at once
+    monkeypatch.setattr(medmnist_boost, "train_unfinished", lambda *a, **k: {})  # the budget ran out at once
     args = ["--datasets", "breastmnist", "--arms", "vit", "resnet18", "--seeds", "0", "--epochs", "1"]
     args += ["--runs-dir", str(tmp_path / "runs"), "--results", str(tmp_path), "--budget-min", "0.01"]
     assert medmnist_boost.main(args) == 0

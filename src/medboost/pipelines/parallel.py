@@ -63,16 +63,18 @@ def run_in_processes(
     queue = iter(calls.items())
     futures: dict = {}
 
-    def submit_next() -> bool:
-        """Hand the next call to the pool, unless none is left or the time is up. Calls are submitted one per free
-        worker, never ahead: the pool would move queued calls to its workers where ``cancel()`` no longer stops them."""
+    def submit_next():
+        """Hand the next call to the pool and return its future; None when none is left or the time is up. Calls
+        are submitted one per free worker, never ahead: the pool would move queued calls to its workers, where
+        ``cancel()`` no longer stops them."""
         if stop_at is not None and time.perf_counter() >= stop_at:
-            return False
+            return None
         item = next(queue, None)
         if item is None:
-            return False
-        futures[pool.submit(_with_threads, threads, fn, *item[1])] = item[0]
-        return True
+            return None
+        future = pool.submit(_with_threads, threads, fn, *item[1])
+        futures[future] = item[0]
+        return future
 
     # spawn: a forked child would inherit the parent's OpenMP thread-pool state, which can deadlock. The OpenMP runtime
     # reads its thread count from the environment when it loads, before any torch.set_num_threads: without the
@@ -80,18 +82,15 @@ def run_in_processes(
     # start at their first submit, inside this block.
     with environment(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)):
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        for _ in range(workers):
-            if not submit_next():
-                break
-        running = set(futures)
+        running = {future for future in (submit_next() for _ in range(workers)) if future is not None}
     with pool:
         while running:
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 if on_done is not None and future.exception() is None:
                     on_done(futures[future], future.result())
-                if submit_next():
-                    running.add(next(reversed(futures)))
+                if (following := submit_next()) is not None:
+                    running.add(following)
         return {key: future.result() for future, key in futures.items()}
 
 
@@ -104,24 +103,33 @@ def train_in_processes(
     cfgs: Mapping[Hashable, RunConfig],
     jobs: int,
     make_plots: bool = True,
-    reuse: bool = False,
     on_done: Callable[[Hashable, dict], None] | None = None,
     stop_at: float | None = None,
 ) -> dict[Hashable, dict]:
     """Train every config of ``cfgs`` (key -> RunConfig; classification or segmentation) in up to ``jobs``
     processes; returns key -> result (``make_plots``: the classifiers' figures). An
-    interrupted run resumes (as ``train_classifier`` does); with ``reuse`` a run that already finished with exactly
-    its config is read back instead of trained again. No progress bars (several would interleave): each run's
+    interrupted run resumes (as ``train_classifier`` does). No progress bars (several would interleave): each run's
     per-epoch metrics grow in its logs/metrics.csv. ``stop_at``: start no run after that ``time.perf_counter()``
     value (the runs not started are left out of the result)."""
-    calls = {key: (cfg, make_plots, reuse) for key, cfg in cfgs.items()}
+    calls = {key: (cfg, make_plots) for key, cfg in cfgs.items()}
     return run_in_processes(_train_quietly, calls, jobs, on_done=on_done, stop_at=stop_at)
 
 
-def _train_quietly(cfg: RunConfig, make_plots: bool, reuse: bool) -> dict:
+def train_unfinished(
+    cfgs: Mapping[Hashable, RunConfig],
+    jobs: int,
+    on_done: Callable[[Hashable, dict], None] | None = None,
+    stop_at: float | None = None,
+) -> dict[Hashable, dict]:
+    """What a long benchmark does before it assembles its report: train, ``jobs`` at a time, the runs of ``cfgs``
+    that have not finished with exactly their config (a finished one is left alone), saying how many."""
+    pending = {key: cfg for key, cfg in cfgs.items() if finished_result(cfg) is None}
+    print(f"{len(pending)} run(s) to train, {jobs} at a time, {threads_per_job(jobs)} thread(s) each", flush=True)
+    return train_in_processes(pending, jobs, make_plots=False, on_done=on_done, stop_at=stop_at)
+
+
+def _train_quietly(cfg: RunConfig, make_plots: bool) -> dict:
     cfg.trainer.progress = False
-    if reuse and (done := finished_result(cfg)):
-        return done
     if cfg.task == "segmentation":
         from medboost.pipelines.segmentation import train_segmenter  # its data stack loads only when needed
 
