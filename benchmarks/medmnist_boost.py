@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 # A finished run is reused (an interrupted one resumes from its last checkpoint instead).
                 runs[arm].append(done or train_classifier(cfg, make_plots=False))
             entry["arms"][arm] = arm_summary(runs[arm], count_flops(cfgs[0]))
-            entry["paired"] = paired_summaries(runs, args.resamples)
+            entry["paired"] = paired_summaries(runs, args.resamples, entry.get("paired"))
             write_outputs(report, args, tag, time.perf_counter() - started)  # keep partial results
         if spatial == 2 and {"vit", "vit+smollm2"} <= set(runs):
             pair = {arm: first_seed[arm] for arm in ("vit", "vit+smollm2")}
@@ -337,14 +337,21 @@ QUICK_EPOCHS = 15
 REFERENCES = ("vit", "vit+random-block")
 
 
-def paired_summaries(runs: dict[str, list[dict]], resamples: int) -> dict[str, dict[str, dict]]:
-    """``{arm: {reference: paired_difference of test AUC}}`` for every boosted arm, seed-paired."""
+def paired_summaries(
+    runs: dict[str, list[dict]], resamples: int, known: dict[str, dict[str, dict]] | None = None
+) -> dict[str, dict[str, dict]]:
+    """``{arm: {reference: paired_difference of test AUC}}`` for every boosted arm, seed-paired. ``known``: the
+    pairs an earlier call of this invocation computed from the same runs, reused (the report is rewritten after each
+    arm, and recomputing every bootstrap each time made assembling 15 arms take 15 minutes)."""
     out: dict[str, dict[str, dict]] = {}
     for arm, results in runs.items():
         if arm in ("vit", "resnet18"):
             continue
         for reference in REFERENCES:
             if reference == arm or reference not in runs or len(runs[reference]) != len(results):
+                continue
+            if reference in (known or {}).get(arm, {}):
+                out.setdefault(arm, {})[reference] = known[arm][reference]
                 continue
             labels = np.asarray(results[0]["test_outputs"]["labels"])
             task = results[0]["data"]["task"]
