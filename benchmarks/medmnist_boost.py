@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start no run after this many minutes (the runs already started finish); the report then holds the "
         "arms whose seeds all finished and names the others. A later invocation continues",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the arms whose seeds all finished (e.g. runs a GPU call brought back) and name "
+        "the others",
+    )
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the test split")
     parser.add_argument("--note", default="", help="how the runs were made (processes, threads, other jobs)")
     parser.add_argument(
@@ -261,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         "datasets": {},
     }
     plan = planned_runs(args)
-    if args.jobs > 1 or args.budget_min:
+    if args.report_only:
+        report["environment"] = trained_environment(plan) or report["environment"]
+    elif args.jobs > 1 or args.budget_min:
         train_pending(plan, args.jobs, started, args.budget_min)
     for dataset, planned in plan.items():
         spatial = 3 if dataset.endswith("3d") else 2
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         first_seed: dict[str, RunConfig] = {}
         for arm, cfgs in planned.items():
             finished = [finished_result(cfg) for cfg in cfgs]
-            if args.budget_min and not all(finished):
+            if (args.budget_min or args.report_only) and not all(finished):
                 entry.setdefault("unfinished", []).append(arm)  # not within the budget: no partial arm
                 continue
             runs[arm], first_seed[arm] = [], cfgs[0]
@@ -287,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(report, args, tag, time.perf_counter() - started)
     print((Path(args.results) / f"{tag}.md").read_text())
     return 0
+
+
+def trained_environment(plan: dict[str, dict[str, list[RunConfig]]]) -> dict | None:
+    """The environment the first finished run of ``plan`` trained in (a report assembled elsewhere states that one)."""
+    for planned in plan.values():
+        for cfgs in planned.values():
+            for cfg in cfgs:
+                if (done := finished_result(cfg)) is not None:
+                    return {**done["environment"], "report_only": True}
+    return None
 
 
 def planned_epochs(planned: dict[str, list[RunConfig]]) -> int | None:
@@ -470,7 +488,11 @@ def markdown(report: dict) -> str:
         "",
         f"{report['date']} · torch {report['environment']['versions']['torch']} · "
         f"{report['environment']['cpu_threads']} CPU threads · {report['environment']['cuda'] or 'no GPU'} · "
-        f"wall time {report['wall_seconds'] / 60:.1f} min",
+        + (
+            "assembled from the runs' result.json files (--report-only: nothing trained in this invocation)"
+            if report["environment"].get("report_only")
+            else f"wall time {report['wall_seconds'] / 60:.1f} min"
+        ),
         "",
         *([report["note"], ""] if report.get("note") else []),
         "Test split at the checkpoint selected on validation AUC; mean ± std over seeds. Step-time and FLOP ratios "
@@ -528,7 +550,7 @@ def markdown(report: dict) -> str:
             lines.append("")
         if entry.get("unfinished"):
             lines += [
-                f"Not finished within `--budget-min` (no partial arm is reported): {', '.join(entry['unfinished'])}.",
+                f"Not finished within the budget (no partial arm is reported): {', '.join(entry['unfinished'])}.",
                 "",
             ]
         if entry.get("saliency_figure"):

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,34 +37,57 @@ def test_each_part_is_a_valid_benchmark_command_of_the_intended_size(part, runs,
     assert {cfg.data.resize for cfg in cfgs} == ({224} if part == "deit224" else {None})
 
 
-def test_run_budgets_the_parts_keeps_results_of_a_failing_part_and_unpacks_them(tmp_path, monkeypatch):
+#: Stands in for medmnist_boost.py in ``run``'s subprocess: reads the same arguments, then finishes one run (the
+#: 100-epoch part), fails (``--recipe deit224`` when FAKE_FAIL is set) or hangs past the deadline (otherwise).
+FAKE_BENCHMARK = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {benchmarks!r})
+import medmnist_boost
+args = medmnist_boost.parse_args(sys.argv[1:])
+print("fake", args.tag, args.budget_min, flush=True)
+if args.recipe == "deit224":
+    if os.environ.get("FAKE_FAIL"):
+        raise RuntimeError("CUDA out of memory")
+    time.sleep(60)
+done = Path(args.runs_dir) / "breastmnist" / "vit" / "seed0" / "result.json"
+done.parent.mkdir(parents=True)
+done.write_text('{{"test": {{"test_auc": 0.9}}}}')
+"""
+
+
+@pytest.mark.parametrize("second_part", ["fails", "overruns"])
+def test_run_budgets_the_parts_keeps_results_of_a_failing_or_killed_part_and_unpacks_them(
+    second_part, tmp_path, monkeypatch, capfd
+):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_protocol, "REPO", tmp_path)
     monkeypatch.chdir(tmp_path)
+    fake = tmp_path / "fake_benchmark.py"
+    fake.write_text(FAKE_BENCHMARK.format(benchmarks=str(Path(gpu_protocol.__file__).parent)))
+    monkeypatch.setattr(gpu_protocol, "BENCHMARK", [sys.executable, str(fake)])
+    if second_part == "fails":
+        monkeypatch.setenv("FAKE_FAIL", "1")
     for folder in ("smollm2-last-layer", "gemma3-last-layer", "medmnist"):
         (tmp_path / "in" / folder).mkdir(parents=True)
-    calls = []
-
-    def fake_benchmark(argv):
-        args = medmnist_boost.parse_args(argv)
-        calls.append((args.tag, args.budget_min))
-        if args.recipe == "deit224":
-            raise RuntimeError("CUDA out of memory")
-        done = Path(args.runs_dir) / "breastmnist" / "vit" / "seed0" / "result.json"
-        done.parent.mkdir(parents=True)
-        done.write_text('{"test": {"test_auc": 0.9}}')
-        return 0
-
-    monkeypatch.setattr(medmnist_boost, "main", fake_benchmark)
     out = tmp_path / "out"
-    status = gpu_protocol.run(out, minutes=9.0, jobs=12, deit_epochs=5, inputs=str(tmp_path / "in"))
-    (tag1, budget1), (tag2, budget2) = calls
-    assert (tag1, tag2) == ("medmnist_boost_gpu100", "medmnist_boost_gpu_deit224")
-    # Part 1 may start runs for 60 % of the time; part 2 gets what is left (here all of it: part 1 returned at once).
-    assert budget1 == pytest.approx(0.6 * 9.0)
-    assert budget2 == pytest.approx(9.0 - gpu_protocol.FINISH_MARGIN_MIN, abs=0.05)
+    # A 1-minute call whose deadline is 24 s in: the hanging part is killed then, not after its 60 s sleep.
+    monkeypatch.setattr(gpu_protocol, "FINISH_MARGIN_MIN", 0.2)
+    monkeypatch.setattr(gpu_protocol, "PACK_MARGIN_MIN", 0.6)
+    started = time.perf_counter()
+    status = gpu_protocol.run(out, minutes=1.0, jobs=12, deit_epochs=5, inputs=str(tmp_path / "in"))
+    elapsed = time.perf_counter() - started
+    printed = capfd.readouterr().out
+    budget1, budget2 = (float(line.split()[-1]) for line in printed.splitlines() if line.startswith("fake"))
+    # Part 1 may start runs for its share of the time; part 2 gets what is left (here nearly all: part 1 was quick).
+    assert budget1 == pytest.approx(gpu_protocol.PARTS["protocol100"] * 1.0, abs=0.01)
+    assert budget2 == pytest.approx(1.0 - 0.2, abs=0.15)
     assert status["parts"]["protocol100"]["ok"] and not status["parts"]["deit224"]["ok"]
-    assert "CUDA out of memory" in status["parts"]["deit224"]["error"]
+    if second_part == "fails":
+        assert "exited with code 1" in status["parts"]["deit224"]["error"] and elapsed < 24
+    else:
+        assert "killed at the call's deadline" in status["parts"]["deit224"]["error"]
+        assert elapsed == pytest.approx(24, abs=4)
     result = Path(gpu_protocol.RUNS_DIR) / "breastmnist" / "vit" / "seed0" / "result.json"
     result.unlink()
     assert gpu_protocol.unpack(out) == [str(result)]

@@ -58,6 +58,16 @@ def test_benchmark_jobs_trains_pending_runs_side_by_side_then_reuses_them(tmp_pa
         assert result["environment"]["cpu_threads"] == threads_per_job(2)  # trained in a worker, not here
     assert medmnist_boost.main(args) == 0  # everything finished: nothing trains again
     assert "0 run(s) to train" in capsys.readouterr().out
+    # --report-only (the runs a GPU call brought back): nothing trains, an arm with an unfinished seed is named, and
+    # the report states the environment the runs trained in, not this one.
+    partial = [*args[:5], "vit+mlp-only", *args[5:], "--report-only", "--tag", "assembled"]
+    assert medmnist_boost.main(partial) == 0
+    assembled = json.loads((tmp_path / "assembled.json").read_text())
+    assert list(assembled["datasets"]["breastmnist"]["arms"]) == ["vit", "resnet18"]
+    assert assembled["datasets"]["breastmnist"]["unfinished"] == ["vit+mlp-only"]
+    assert assembled["environment"]["cpu_threads"] == threads_per_job(2) and assembled["environment"]["report_only"]
+    assert "nothing trained in this invocation" in (tmp_path / "assembled.md").read_text()
+    assert not (tmp_path / "runs" / "breastmnist" / "vit+mlp-only").exists()
     with pytest.raises(SystemExit):
         medmnist_boost.main([*args, "--jobs", "0"])
 
@@ -78,7 +88,7 @@ def test_budget_reports_only_the_arms_whose_seeds_all_finished(tmp_path, monkeyp
     assert medmnist_boost.main(args) == 0
     report = json.loads((tmp_path / "medmnist_boost.json").read_text())["datasets"]["breastmnist"]
     assert report["arms"] == {} and report["unfinished"] == ["vit", "resnet18"]
-    assert "Not finished within `--budget-min`" in (tmp_path / "medmnist_boost.md").read_text()
+    assert "Not finished within the budget" in (tmp_path / "medmnist_boost.md").read_text()
     assert not (tmp_path / "runs").exists()  # nothing trained in this process either
 
 
