@@ -109,7 +109,17 @@ def part_args(part: str, inputs: str, out: Path, jobs: int, budget_min: float, d
     note = f"GPU protocol ({part}): {jobs} runs at a time on one GPU, one CPU thread each; benchmarks/gpu_protocol.py"
     if part == "protocol100":
         # The 3D set first: its runs are the longest, and short ones started last fit the end of the budget.
-        return [*common, "--datasets", *reversed(DATASETS), "--epochs", "100", "--tag", "medmnist_boost_gpu100", "--note", note]
+        return [
+            *common,
+            "--datasets",
+            *reversed(DATASETS),
+            "--epochs",
+            "100",
+            "--tag",
+            "medmnist_boost_gpu100",
+            "--note",
+            note,
+        ]
     return [*common, "--recipe", "deit224", "--datasets", "breastmnist", "--epochs", str(deit_epochs)] + [
         "--tag",
         "medmnist_boost_gpu_deit224",
@@ -126,8 +136,11 @@ def run_part(argv: list[str], deadline: float) -> dict:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        return {"ok": False, "error": "killed at the call's deadline: its finished runs are in the archive "
-                "(`gpu_protocol.py report` assembles them here)"}
+        return {
+            "ok": False,
+            "error": "killed at the call's deadline: its finished runs are in the archive "
+            "(`gpu_protocol.py report` assembles them here)",
+        }
     return {"ok": True} if code == 0 else {"ok": False, "error": f"medmnist_boost.py exited with code {code}"}
 
 
