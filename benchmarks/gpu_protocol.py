@@ -101,12 +101,15 @@ def device_command(minutes: float, jobs: int) -> str:
     )
 
 
-def part_args(part: str, inputs: str, out: Path, jobs: int, budget_min: float, deit_epochs: int) -> list[str]:
-    """``medmnist_boost.py`` arguments of one part."""
+def part_args(
+    part: str, inputs: str, out: Path, jobs: int, budget_min: float | None, deit_epochs: int, note: str | None = None
+) -> list[str]:
+    """``medmnist_boost.py`` arguments of one part (``budget_min`` None: no budget, as ``report`` needs)."""
     sources = [f"{preset}={inputs}/{folder}" for preset, folder in PRESETS.items()]
-    common = ["--accelerator", "gpu", "--jobs", str(jobs), "--budget-min", f"{budget_min:.2f}", "--no-ablations"]
+    common = ["--accelerator", "gpu", "--jobs", str(jobs), "--no-ablations"]
+    common += ["--budget-min", f"{budget_min:.2f}"] if budget_min else []
     common += ["--data-dir", f"{inputs}/medmnist", "--runs-dir", RUNS_DIR, "--results", str(out), "--source", *sources]
-    note = f"GPU protocol ({part}): {jobs} runs at a time on one GPU, one CPU thread each; benchmarks/gpu_protocol.py"
+    note = note or f"GPU protocol ({part}): {jobs} runs at a time on one GPU, one CPU thread each; gpu_protocol.py"
     if part == "protocol100":
         # The 3D set first: its runs are the longest, and short ones started last fit the end of the budget.
         return [
@@ -191,10 +194,20 @@ def report(results: Path, deit_epochs: int, inputs: str = INPUTS) -> None:
     part the deadline killed, whose report the device could not write)."""
     import medmnist_boost
 
+    from medboost.engine.trainer import finished_result
+
     os.chdir(REPO)
     for part in PARTS:
-        argv = part_args(part, inputs, results, jobs=1, budget_min=1.0, deit_epochs=deit_epochs)
-        medmnist_boost.main([*argv, "--report-only"])
+        note = (
+            f"GPU protocol ({part}): the runs trained on the GPU machine (`gpu_protocol.py run`), this report "
+            "assembled here from the result.json files that came back (`gpu_protocol.py report`)"
+        )
+        argv = [*part_args(part, inputs, results, 1, None, deit_epochs, note), "--report-only"]
+        plan = medmnist_boost.planned_runs(medmnist_boost.parse_args(argv))
+        if not any(finished_result(cfg) for arms in plan.values() for cfgs in arms.values() for cfg in cfgs):
+            print(f"{part}: no run of it finished, no report")
+            continue
+        medmnist_boost.main(argv)
 
 
 def unpack(out: Path) -> list[str]:
@@ -230,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("unpack", help="here: the returned result.json files into benchmarks/runs/gpu")
     u.add_argument("out")
     a = sub.add_parser("report", help="here, after unpack: both reports from the returned runs (nothing trains)")
-    a.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    a.add_argument("--results", default="benchmarks/results", help="relative to the repository root")
     for q in (r, a):
         q.add_argument("--deit-epochs", type=int, default=100, help="epochs of the 224 px recipe (the paper's: 400)")
     args = parser.parse_args(argv)
