@@ -194,8 +194,6 @@ def report(results: Path, deit_epochs: int, inputs: str = INPUTS) -> None:
     part the deadline killed, whose report the device could not write)."""
     import medmnist_boost
 
-    from medboost.engine.trainer import finished_result
-
     os.chdir(REPO)
     for part in PARTS:
         note = (
@@ -203,8 +201,7 @@ def report(results: Path, deit_epochs: int, inputs: str = INPUTS) -> None:
             "assembled here from the result.json files that came back (`gpu_protocol.py report`)"
         )
         argv = [*part_args(part, inputs, results, 1, None, deit_epochs, note), "--report-only"]
-        plan = medmnist_boost.planned_runs(medmnist_boost.parse_args(argv))
-        if not any(finished_result(cfg) for arms in plan.values() for cfgs in arms.values() for cfg in cfgs):
+        if medmnist_boost.trained_environment(medmnist_boost.planned_runs(medmnist_boost.parse_args(argv))) is None:
             print(f"{part}: no run of it finished, no report")
             continue
         medmnist_boost.main(argv)

@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def trained_environment(plan: dict[str, dict[str, list[RunConfig]]]) -> dict | None:
-    """The environment the first finished run of ``plan`` trained in (a report assembled elsewhere states that one)."""
+    """The environment the first finished run of ``plan`` trained in (a report assembled elsewhere states that one);
+    None when no run of ``plan`` has finished."""
     for planned in plan.values():
         for cfgs in planned.values():
             for cfg in cfgs:
